@@ -1,0 +1,100 @@
+"""The `ripple.*` neuron-group index kept in the GGUF's KV metadata (spec: docs/FORMAT.md).
+
+Stock llama.cpp ignores unknown keys, so the file stays loadable everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGUFReader
+
+from .errors import RippleError
+from .gguf_io import kv, kv_array
+
+FORMAT_VERSION = 1
+EVAL_METHODS = ("stored", "identity", "frequency")
+
+
+def blk(il: int, name: str) -> str:
+    return f"ripple.blk.{il}.{name}"
+
+
+@dataclass
+class RippleIndex:
+    placement: str
+    activation: str                 # "zero" | "magnitude"
+    target_density: float
+    calib_tokens: int
+    calib_source: str
+    thresholds: np.ndarray          # (n_layer,)
+    orders: list[np.ndarray]        # per layer: original neuron index at each stored position
+    group_starts: list[np.ndarray]  # per layer: first stored position of each group
+    act_freq: list[np.ndarray]      # per layer, per stored position: fraction of calib tokens active
+    eval_tokens: int = 0
+    eval: dict[str, np.ndarray] | None = None  # "active"/"stored"/"identity"/"frequency" -> (n_layer,)
+
+    def to_kv(self) -> dict:
+        items = {
+            "ripple.format_version": FORMAT_VERSION,
+            "ripple.placement": self.placement,
+            "ripple.activation": self.activation,
+            "ripple.target_density": float(self.target_density),
+            "ripple.calib.tokens": int(self.calib_tokens),
+            "ripple.calib.source": self.calib_source,
+            "ripple.n_layer": len(self.orders),
+            "ripple.act_threshold": np.asarray(self.thresholds, dtype=np.float32),
+        }
+        for il, (o, g, f) in enumerate(zip(self.orders, self.group_starts, self.act_freq)):
+            items[blk(il, "order")] = np.asarray(o, dtype=np.uint32)
+            items[blk(il, "group_starts")] = np.asarray(g, dtype=np.uint32)
+            items[blk(il, "act_freq")] = np.asarray(f, dtype=np.float32)
+        if self.eval:
+            items["ripple.eval.tokens"] = int(self.eval_tokens)
+            for name in ("active",) + EVAL_METHODS:
+                items[f"ripple.eval.reads_per_token.{name}"] = np.asarray(self.eval[name], dtype=np.float32)
+        return items
+
+
+def read_index(reader: GGUFReader, n_ff: list[int]) -> RippleIndex | None:
+    """The index of a converted GGUF, validated against its FFN shapes; None for a plain GGUF."""
+    version = kv(reader, "ripple.format_version")
+    if version is None:
+        return None
+    if int(version) != FORMAT_VERSION:
+        raise RippleError(f"ripple index format {version} is not supported (this version reads "
+                          f"{FORMAT_VERSION}); reconvert with `ripple-gguf convert`")
+    n_layer = int(kv(reader, "ripple.n_layer", -1))
+    if n_layer != len(n_ff):
+        raise RippleError(f"ripple index covers {n_layer} layers but the model has {len(n_ff)}; reconvert")
+
+    def need(key: str, length: int, dtype) -> np.ndarray:
+        arr = kv_array(reader, key)
+        if arr is None or len(arr) != length:
+            raise RippleError(f"ripple index key {key} is missing or has the wrong length; reconvert")
+        return arr.astype(dtype)
+
+    orders, groups, freqs = [], [], []
+    for il, n in enumerate(n_ff):
+        o = need(blk(il, "order"), n, np.int64)
+        if not np.array_equal(np.sort(o), np.arange(n)):
+            raise RippleError(f"{blk(il, 'order')} is not a permutation of the layer's neurons; reconvert")
+        g = kv_array(reader, blk(il, "group_starts"))
+        if g is None or len(g) == 0 or g[0] != 0 or np.any(np.diff(g.astype(np.int64)) <= 0) or g[-1] >= n:
+            raise RippleError(f"{blk(il, 'group_starts')} is malformed; reconvert")
+        orders.append(o)
+        groups.append(g.astype(np.int64))
+        freqs.append(need(blk(il, "act_freq"), n, np.float64))
+    eval_ = None
+    if kv(reader, "ripple.eval.tokens") is not None:
+        eval_ = {name: need(f"ripple.eval.reads_per_token.{name}", n_layer, np.float64)
+                 for name in ("active",) + EVAL_METHODS}
+    return RippleIndex(
+        placement=str(kv(reader, "ripple.placement", "?")),
+        activation=str(kv(reader, "ripple.activation", "?")),
+        target_density=float(kv(reader, "ripple.target_density", 0.0)),
+        calib_tokens=int(kv(reader, "ripple.calib.tokens", 0)),
+        calib_source=str(kv(reader, "ripple.calib.source", "")),
+        thresholds=need("ripple.act_threshold", n_layer, np.float32),
+        orders=orders, group_starts=groups, act_freq=freqs,
+        eval_tokens=int(kv(reader, "ripple.eval.tokens", 0)), eval=eval_)

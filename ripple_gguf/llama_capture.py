@@ -1,0 +1,178 @@
+"""Run a GGUF through llama.cpp (llama-cpp-python's low-level API) and observe FFN tensors.
+
+Profiling goes through llama.cpp itself, not transformers, so it works for every architecture
+llama.cpp runs, needs no HF checkpoint (`ripple-gguf pack`/`inspect --text` on a GGUF alone), and
+sees exactly the numbers the runtime will see. The graph-eval callback (`cb_eval`) hands us named
+nodes: `ffn_norm-N` (what the FFN sees) and the FFN intermediate that feeds ffn_down
+(`ffn_swiglu-N`, `ffn_sqr(relu)-N`, ...); the last such node of a layer in graph order is the one.
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import llama_cpp
+from llama_cpp._logger import set_verbose
+
+from .errors import RippleError
+
+# Nodes that can feed ffn_down, by FFN family (src/llama-graph.cpp, build_ffn).
+ZERO_ACTIVATIONS = ("ffn_sqr(relu)", "ffn_relu", "ffn_reglu")       # true zeros: active = != 0
+DENSE_ACTIVATIONS = ("ffn_swiglu", "ffn_swiglu_limited", "ffn_geglu", "ffn_gelu", "ffn_silu",
+                     "ffn_gate_par")                                  # no zeros: magnitude threshold
+INTERMEDIATE_NAMES = ZERO_ACTIVATIONS + DENSE_ACTIVATIONS
+FFN_INPUT_NAME = "ffn_norm"
+GGML_TYPE_F32 = 0
+
+
+class GgmlTensor(ctypes.Structure):
+    """struct ggml_tensor of the pinned ggml (ggml/include/ggml.h); only read, never written."""
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+def _split_name(name: str) -> tuple[str, int]:
+    base, _, il = name.rpartition("-")
+    return (base, int(il)) if il.isdigit() else (name, -1)
+
+
+class LlamaRunner:
+    """One model + one context; `evaluate(tokens)` returns logits and the captured FFN tensors."""
+
+    def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None,
+                 capture_inputs: bool = False, capture_intermediate: bool = True):
+        set_verbose(False)
+        llama_cpp.llama_backend_init()
+        self.path = str(path)
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(self.path.encode(), mparams)
+        if not self.model:
+            raise RippleError(f"{path}: llama.cpp could not load this GGUF; is it a complete model file?")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_layer = llama_cpp.llama_model_n_layer(self.model)
+        self.n_ctx = n_ctx
+        wanted = set()
+        if capture_intermediate:
+            wanted.update(INTERMEDIATE_NAMES)
+        if capture_inputs:
+            wanted.add(FFN_INPUT_NAME)
+        self._wanted = wanted
+        self._captured: dict[tuple[str, int], np.ndarray] = {}
+        self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)  # keep a reference
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
+        import os
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        if wanted:
+            cparams.cb_eval = self._cb
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise RippleError(f"{path}: llama.cpp could not create a context (out of memory?)")
+        self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+
+    def _on_node(self, t_ptr, ask, _user) -> bool:
+        # An exception cannot cross the C frames of llama_decode: keep it (Ctrl-C included), abort
+        # the graph, and re-raise it once llama_decode returns.
+        try:
+            return self._observe(t_ptr, ask)
+        except BaseException as e:  # noqa: BLE001
+            self._pending = e
+            return False
+
+    def _observe(self, t_ptr, ask) -> bool:
+        t = ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents
+        base, il = _split_name(t.name.decode(errors="replace"))
+        if ask:
+            return base in self._wanted
+        if base not in self._wanted or t.type != GGML_TYPE_F32:
+            return True
+        ne0, ne1 = int(t.ne[0]), int(t.ne[1])
+        if int(t.nb[1]) != ne0 * 4 or t.ne[2] != 1 or t.ne[3] != 1:
+            return True  # not a plain 2-D f32 tensor; nothing we know how to read
+        buf = (ctypes.c_float * (ne0 * ne1)).from_address(t.data)
+        arr = np.ctypeslib.as_array(buf).reshape(ne1, ne0).copy()
+        kind = "input" if base == FFN_INPUT_NAME else "act"
+        # graph order: a later node of the same layer (sqr after relu) supersedes an earlier one
+        self._captured[(kind, il)] = arr
+        self._act_names[il] = base if kind == "act" else self._act_names.get(il)
+        return True
+
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        data = text.encode("utf-8", errors="replace")
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, False)
+        if n < 0:
+            raise RippleError("tokenization overflowed; text is malformed")
+        return list(buf[:n])
+
+    @property
+    def bos(self) -> int:
+        return int(llama_cpp.llama_vocab_bos(self.vocab))
+
+    def evaluate(self, tokens: list[int], want_logits: bool = False):
+        """Decode one fresh sequence. Every position is an output so the last layer's FFN runs for
+        all tokens (llama.cpp prunes non-output rows before it otherwise). Returns
+        (logits or None, {("act"|"input", layer): (n_tokens, width) array}, {layer: act node name})."""
+        n = len(tokens)
+        if not 0 < n <= self.n_ctx:
+            raise ValueError(f"chunk of {n} tokens does not fit n_ctx={self.n_ctx}")
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        b = self.batch
+        b.n_tokens = n
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 1
+        self._captured, self._act_names, self._pending = {}, {}, None
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if self._pending is not None:
+            raise self._pending
+        if rc != 0:
+            raise RippleError(f"llama.cpp failed to evaluate a chunk (llama_decode returned {rc})")
+        logits = None
+        if want_logits:
+            ptr = llama_cpp.llama_get_logits(self.ctx)
+            logits = np.ctypeslib.as_array(ptr, shape=(n * self.n_vocab,)).reshape(n, self.n_vocab).copy()
+        return logits, self._captured, dict(self._act_names)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+            llama_cpp.llama_model_free(self.model)
+            self.ctx = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

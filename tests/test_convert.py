@@ -1,0 +1,110 @@
+"""Converter: the output runs in unmodified llama-cpp-python, is function-preserving, and carries
+a valid ripple index that cuts reads per token on text it was not calibrated on."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+from llama_cpp import Llama
+
+from ripple_gguf.gguf_io import read_ffn_layout
+from ripple_gguf.index_keys import read_index
+from ripple_gguf.llama_capture import LlamaRunner
+
+from conftest import FIXTURES, HELDOUT, MODELS, run_cli
+
+PROMPT = "def parse_args(argv):\n    "
+
+
+def greedy_tokens(path, n=32) -> list[int]:
+    llm = Llama(str(path), n_ctx=256, n_threads=2, seed=0, verbose=False)
+    try:
+        tokens = llm.tokenize(PROMPT.encode())
+        out = []
+        for tok in llm.generate(tokens, temp=0.0, top_k=1):
+            out.append(tok)
+            if len(out) == n:
+                break
+        return out
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("model", FIXTURES)
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_permuted_gguf_generates_same_tokens_as_unpermuted(converted, model, outtype):
+    placed = converted(model, outtype, "coactivation")
+    plain = converted(model, outtype, "identity")
+    # the permutation really happened (otherwise this test could not fail)
+    reader = GGUFReader(placed)
+    index = read_index(reader, read_ffn_layout(reader).n_ff)
+    assert any(not np.array_equal(o, np.arange(len(o))) for o in index.orders)
+    assert greedy_tokens(placed) == greedy_tokens(plain)
+
+
+@pytest.mark.parametrize("model", FIXTURES)
+def test_ffn_tensors_are_the_identity_tensors_permuted(converted, model):
+    placed, plain = GGUFReader(converted(model, "f16")), GGUFReader(converted(model, "f16", "identity"))
+    index = read_index(placed, read_ffn_layout(placed).n_ff)
+    a = {t.name: np.asarray(t.data) for t in placed.tensors}
+    b = {t.name: np.asarray(t.data) for t in plain.tensors}
+    assert a.keys() == b.keys()
+    for name in a:
+        if ".ffn_up." in name or ".ffn_gate." in name:
+            il = int(name.split(".")[1])
+            np.testing.assert_array_equal(a[name], b[name][index.orders[il]])
+        elif ".ffn_down." in name:
+            il = int(name.split(".")[1])
+            np.testing.assert_array_equal(a[name], b[name][:, index.orders[il]])
+        else:
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+@pytest.mark.parametrize("model", FIXTURES)
+def test_logits_match_transformers(converted, model):
+    """llama.cpp on the converted f32 GGUF vs transformers on the checkpoint, same token ids."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    path = converted(model, "f32")
+    text = HELDOUT.read_text()[:2000]
+    with LlamaRunner(path, n_ctx=256, capture_intermediate=False) as runner:
+        ids = [runner.bos] + runner.tokenize(text)[:127]
+        ours, _, _ = runner.evaluate(ids, want_logits=True)
+    hf = AutoModelForCausalLM.from_pretrained(MODELS / model, torch_dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    err = np.abs(ours - ref).max()
+    scale = np.abs(ref).max()
+    print(f"{model}: max |logit diff| {err:.2e} (max |logit| {scale:.1f}), argmax agreement "
+          f"{(ours.argmax(1) == ref.argmax(1)).mean():.3f}")
+    assert err < 1e-3 * max(scale, 1.0)  # stated tolerance: 0.1% of the largest logit
+    assert (ours.argmax(1) == ref.argmax(1)).mean() == 1.0
+
+
+@pytest.mark.parametrize("model", FIXTURES)
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_0"])
+def test_quantized_output_keeps_index_and_runs(converted, model, outtype):
+    path = converted(model, outtype)
+    reader = GGUFReader(path)
+    layout = read_ffn_layout(reader)
+    assert layout.weight_type == outtype.upper()
+    assert read_index(reader, layout.n_ff) is not None
+    assert len(greedy_tokens(path, n=8)) == 8
+
+
+@pytest.mark.parametrize("model", FIXTURES)
+def test_inspect_reports_fewer_reads_than_identity_on_unseen_text(converted, model):
+    path = converted(model, "f16")
+    proc = run_cli("inspect", path, "--text", HELDOUT, "--json", check=True)
+    info = json.loads(proc.stdout)
+    assert info["arch"] in ("llama", "arcee") and info["ripple"]["placement"] == "coactivation"
+    unseen = info["ripple"]["reads"][-1]
+    assert unseen["text"] == HELDOUT.name and unseen["tokens"] > 1000
+    pt = unseen["per_token"]
+    print(f"{model} reads/token on {HELDOUT.name}: stored {pt['stored']:.1f}, identity {pt['identity']:.1f}, "
+          f"frequency {pt['frequency']:.1f}, active neurons {pt['active']:.1f}")
+    assert pt["stored"] < pt["identity"]
+    text = run_cli("inspect", path, check=True).stdout
+    assert "contiguous reads per token" in text and "identity order" in text
