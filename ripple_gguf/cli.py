@@ -12,7 +12,8 @@ def _cmd_convert(args) -> dict:
     from .convert import ConvertOptions, convert
     opts = ConvertOptions(outtype=args.outtype, calib=args.calib or [], placement=args.placement,
                           calib_tokens=args.calib_tokens, target_density=args.target_density,
-                          n_ctx=args.ctx, seed=args.seed)
+                          n_ctx=args.ctx, seed=args.seed, pack=not args.no_pack,
+                          target_recall=args.target_recall)
     summary = convert(args.src, args.output, opts, log=lambda m: print(m, file=sys.stderr))
     if not args.json:
         rp = summary["reads_per_token"]
@@ -21,6 +22,26 @@ def _cmd_convert(args) -> dict:
         print(f"reads/token on {summary['heldout_tokens']} held-out tokens: {rp['stored']:.1f} stored order, "
               f"{rp['identity']:.1f} identity, {rp['frequency']:.1f} frequency "
               f"({summary['active_per_token']:.1f} active neurons/token)")
+        if summary["pack"]:
+            _print_pack_summary(summary["pack"])
+    return summary
+
+
+def _print_pack_summary(p: dict) -> None:
+    print(f"wrote {p['pack']} ({p['bytes'] / 2**20:.1f} MiB, {100 * p['bytes'] / p['gguf_bytes']:.0f}% of the GGUF; "
+          f"predictors {p['predictor_bytes'] / 2**10:.0f} KiB = {100 * p['predictor_bytes'] / p['ffn_bytes']:.1f}% of FFN bytes)")
+    pl = p["per_layer"]
+    print(f"predictor on {p['eval_tokens']} validation tokens: mass recall {min(pl['mass_recall']):.3f}-{max(pl['mass_recall']):.3f}, "
+          f"predicted density {sum(pl['pred_density']) / len(pl['pred_density']):.3f} vs true {sum(pl['true_density']) / len(pl['true_density']):.3f}")
+
+
+def _cmd_pack(args) -> dict:
+    from .make_pack import PackOptions, build_pack
+    opts = PackOptions(calib=args.calib or [], calib_tokens=args.calib_tokens, target_recall=args.target_recall,
+                       rank=args.rank, n_ctx=args.ctx, seed=args.seed)
+    summary = build_pack(args.gguf, opts, log=lambda m: print(m, file=sys.stderr))
+    if not args.json:
+        _print_pack_summary(summary)
     return summary
 
 
@@ -48,8 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SwiGLU-style FFNs: share of neurons counted active (default 0.3)")
     c.add_argument("--ctx", type=int, default=512, help="tokens per calibration sequence (default 512)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-pack", action="store_true", help="do not write the OUT.ripple offload pack")
+    c.add_argument("--target-recall", type=float, default=0.95,
+                   help="predictor thresholds cover this share of the active mass (default 0.95)")
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     c.set_defaults(func=_cmd_convert)
+
+    k = sub.add_parser("pack", help="(re)build OUT.ripple (neuron bundles + predictors) for a converted GGUF")
+    k.add_argument("gguf")
+    k.add_argument("--calib", action="append", metavar="FILE",
+                   help="calibration text (repeatable); default: text the model generates itself")
+    k.add_argument("--calib-tokens", type=int, default=16384, help="tokens recorded (default 16384)")
+    k.add_argument("--target-recall", type=float, default=0.95)
+    k.add_argument("--rank", type=int, default=None, help="predictor width (default: within 5%% of FFN bytes)")
+    k.add_argument("--ctx", type=int, default=512)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=_cmd_pack)
 
     i = sub.add_parser("inspect", help="describe a converted GGUF and its reads per token")
     i.add_argument("gguf")
@@ -57,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure reads/token on this text through llama.cpp (repeatable)")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_inspect)
+    from .run_cli import register; register(sub)
     return p
 
 

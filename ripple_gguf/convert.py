@@ -25,6 +25,8 @@ from .gguf_io import open_gguf, read_ffn_layout, write_permuted
 from .hf_convert import check_checkpoint, hf_to_gguf, resolve_source
 from .index_keys import RippleIndex
 from .llama_capture import LlamaRunner
+from .make_pack import PackOptions, build_pack
+from .pack import pack_path_for
 from .placement import PLACEMENTS, group_starts, order_neurons, reads_by_method
 from .profile import chunk_tokens, profile
 
@@ -43,6 +45,8 @@ class ConvertOptions:
     target_density: float = 0.3      # SwiGLU-style FFNs: share of neurons counted active
     n_ctx: int = 512
     seed: int = 0
+    pack: bool = True                # also write OUT.ripple (neuron bundles + predictors)
+    target_recall: float = 0.95
 
 
 def _check_output(out: Path) -> None:
@@ -149,7 +153,19 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, log=print) -> dict:
         if opts.outtype in LLAMA_FTYPE:
             final = tmp / "quantized.gguf"
             _quantize(permuted, final, opts.outtype)
+        pack_summary = None
+        if opts.pack:
+            log("building the offload pack (neuron bundles + predictors)")
+            pack_summary = build_pack(final, PackOptions(target_recall=opts.target_recall, n_ctx=opts.n_ctx,
+                                                         seed=opts.seed), tokens=tokens,
+                                      out=tmp / "final.ripple", log=log)
         os.replace(final, out)
+        stale = pack_path_for(out)
+        if pack_summary:
+            os.replace(tmp / "final.ripple", stale)
+            pack_summary["pack"] = str(stale)
+        elif stale.exists():
+            stale.unlink()  # bound to the GGUF just replaced; it could never be used again
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -160,5 +176,5 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, log=print) -> dict:
         "n_ff": layout.n_ff[0], "calib_tokens": act.tokens, "calib_source": source,
         "heldout_tokens": held.tokens, "density": float(np.mean(act.density())),
         "reads_per_token": {"stored": ev["stored"], "identity": ev["identity"], "frequency": ev["frequency"]},
-        "active_per_token": ev["active"], "seconds": round(time.time() - t0, 1),
+        "active_per_token": ev["active"], "pack": pack_summary, "seconds": round(time.time() - t0, 1),
     }

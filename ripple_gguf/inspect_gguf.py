@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import tempfile
+
 import numpy as np
 
 from .calib import read_text_files
@@ -10,18 +12,51 @@ from .errors import RippleError
 from .gguf_io import kv, open_gguf, read_ffn_layout
 from .index_keys import read_index
 from .placement import reads_by_method
-from .profile import chunk_tokens, profile
+from .profile import capture_layers, chunk_tokens, profile
 
 
-def measure_reads(path: Path, index, text: str, n_ctx: int = 512, max_tokens: int = 16384) -> dict:
-    """Profile `text` on this GGUF through llama.cpp and count reads/token per method and layer."""
+def measure_text(path: Path, index, text: str, pack=None, n_ctx: int = 512, max_tokens: int = 16384) -> dict:
+    """Run `text` through this GGUF in llama.cpp: reads/token per method and layer, and, with a
+    pack, how its predictors do on this text (recall, precision, predicted density)."""
     from .llama_capture import LlamaRunner
-    with LlamaRunner(path, n_ctx=n_ctx) as runner:
+    from .predictor import evaluate
+    per, pred = [], []
+    with LlamaRunner(path, n_ctx=n_ctx, capture_inputs=pack is not None) as runner:
         tokens = runner.tokenize(text)[:max_tokens]
-        act = profile(runner, chunk_tokens(tokens, n_ctx, runner.bos), thresholds=index.thresholds,
-                      kind=index.activation, desc="profiling text")
-    per = [reads_by_method(act.layer(il), index.orders[il], index.act_freq[il]) for il in range(len(index.orders))]
-    return {"tokens": act.tokens, **{k: np.array([p[k] for p in per]) for k in per[0]}}
+        chunks = chunk_tokens(tokens, n_ctx, runner.bos)
+        if not chunks:
+            raise RippleError("--text is too short to measure anything; pass a longer file")
+        act = profile(runner, chunks, thresholds=index.thresholds, kind=index.activation, desc="profiling text")
+        per = [reads_by_method(act.layer(il), index.orders[il], index.act_freq[il]) for il in range(len(index.orders))]
+        if pack is not None:
+            with tempfile.TemporaryDirectory() as d:
+                xs, hs, n = capture_layers(runner, chunks, max_tokens, d, desc="recording activations")
+                pred = [evaluate(p, xs[il][:n], hs[il][:n], float(pack.act_threshold[il]))
+                        for il, p in enumerate(pack.predictors)]
+                del xs, hs
+    out = {"tokens": act.tokens, **{k: np.array([p[k] for p in per]) for k in per[0]}}
+    if pred:
+        out["predictor"] = {k: [round(p[k], 4) for p in pred] for k in pred[0]}
+    return out
+
+
+def pack_info(path: Path, reader) -> dict | None:
+    """Presence, binding status and sizes of OUT.ripple; None when there is no pack."""
+    from .pack import open_pack, pack_path_for
+    pp = pack_path_for(path)
+    if not pp.exists():
+        return None
+    try:
+        pk = open_pack(path, pp, gguf_reader=reader)
+    except RippleError as e:
+        return {"file": str(pp), "status": f"unusable: {e}", "obj": None}
+    ffn_bytes = sum(int(t.n_bytes) for t in reader.tensors if ".ffn_" in t.name)
+    return {"file": str(pp), "status": "bound to this GGUF", "obj": pk, "bytes": pk.file_bytes,
+            "overhead_vs_gguf": pk.file_bytes / path.stat().st_size, "bundle_bytes": pk.bundle_bytes,
+            "weight_type": pk.weight_type.name, "predictor_bytes": pk.predictor_bytes,
+            "predictor_vs_ffn": pk.predictor_bytes / ffn_bytes, "target_recall": pk.target_recall,
+            "train_tokens": pk.train_tokens, "validation_tokens": pk.eval_tokens,
+            "validation": {k: [round(float(x), 4) for x in v] for k, v in pk.stats.items()}}
 
 
 def inspect(path: str | Path, text_files: list[str] | None = None) -> dict:
@@ -49,14 +84,22 @@ def inspect(path: str | Path, text_files: list[str] | None = None) -> dict:
     evals = []
     if index.eval:
         evals.append(("held-out split of the calibration text", index.eval_tokens, index.eval))
+    pk = pack_info(path, reader)
+    predictor_on_text = None
     if text_files:
-        m = measure_reads(path, index, read_text_files(text_files, what="--text"))
+        m = measure_text(path, index, read_text_files(text_files, what="--text"), pk and pk["obj"])
+        predictor_on_text = m.pop("predictor", None)
         evals.append((", ".join(Path(t).name for t in text_files), m.pop("tokens"), m))
     r["reads"] = [{
         "text": name, "tokens": int(tokens),
         "per_token": {k: float(np.sum(v)) for k, v in ev.items()},
         "per_layer": {k: [round(float(x), 2) for x in v] for k, v in ev.items()},
     } for name, tokens, ev in evals]
+    if pk:
+        pk.pop("obj")
+        if predictor_on_text:
+            pk["on_text"] = {"text": evals[-1][0], "tokens": int(evals[-1][1]), **predictor_on_text}
+    r["pack"] = pk
     info["ripple"] = r
     return info
 
@@ -82,4 +125,23 @@ def format_report(info: dict) -> str:
             label = f"{name} ({r['placement']})" if name == "stored" else f"{name} order"
             ratio = "" if name == "stored" else f"   stored needs {pt['stored'] / max(pt[name], 1e-9):.2f}x of this"
             lines.append(f"    {label:<26} {pt[name]:9.1f}{ratio}")
+    pk = r.get("pack")
+    if pk is None:
+        lines.append("  offload pack  none (build it with `ripple-gguf pack`)")
+    elif "bytes" not in pk:
+        lines.append(f"  offload pack  {pk['file']}: {pk['status']}")
+    else:
+        lines += [f"  offload pack  {pk['file']} ({pk['status']})",
+                  f"    {pk['bytes'] / 2**20:.2f} MiB = {100 * pk['overhead_vs_gguf']:.0f}% of the GGUF; "
+                  f"{pk['bundle_bytes']} bytes per neuron bundle ({pk['weight_type']})",
+                  f"    predictors {pk['predictor_bytes'] / 2**10:.0f} KiB = {100 * pk['predictor_vs_ffn']:.1f}% of the FFN bytes; "
+                  f"thresholds tuned for {pk['target_recall']:.2f} of the active mass"]
+        for name, ev in [("validation tokens", {**pk["validation"], "tokens": pk["validation_tokens"]})] + (
+                [(pk["on_text"]["text"], pk["on_text"])] if "on_text" in pk else []):
+            lines.append(f"    predictor per layer on {name} ({ev['tokens']} tokens): mass recall / recall / precision / predicted vs true density")
+            for il in range(len(ev["recall"])):
+                ok = ev["mass_recall"][il] >= pk["target_recall"] - 0.005 and ev["pred_density"][il] <= 2 * ev["true_density"][il]
+                lines.append(f"      layer {il:2d}: {ev['mass_recall'][il]:.3f} / {ev['recall'][il]:.3f} / {ev['precision'][il]:.3f} / "
+                             f"{ev['pred_density'][il]:.3f} vs {ev['true_density'][il]:.3f}"
+                             + ("" if ok else "   <- misses the recall target or predicts > 2x the true density"))
     return "\n".join(lines)

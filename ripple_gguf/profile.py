@@ -73,3 +73,34 @@ def profile(runner: LlamaRunner, chunks: list[list[int]], target_density: float 
             act.packed[il].append(np.packbits(active, axis=1))
         act.tokens += len(chunk)
     return act
+
+
+def capture_layers(runner: LlamaRunner, chunks: list[list[int]], max_tokens: int, store_dir,
+                   desc: str = "recording activations") -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Record, per layer, the FFN input (x) and the FFN intermediate (h) of up to `max_tokens`
+    tokens, as float16 arrays memory-mapped under `store_dir` (predictor training data for big
+    models does not fit in RAM). Returns (xs, hs, n_tokens)."""
+    from pathlib import Path
+    xs: list[np.ndarray] = []
+    hs: list[np.ndarray] = []
+    n = 0
+    for chunk in tqdm(chunks, desc=desc, unit="chunk", leave=False):
+        if n >= max_tokens:
+            break
+        _, captured, _ = runner.evaluate(chunk)
+        if not xs:
+            for il in range(runner.n_layer):
+                if ("input", il) not in captured or ("act", il) not in captured:
+                    raise RippleError(f"llama.cpp did not expose layer {il}'s FFN input/intermediate; "
+                                      "this architecture's FFN graph is not supported")
+                d, f = captured[("input", il)].shape[1], captured[("act", il)].shape[1]
+                xs.append(np.lib.format.open_memmap(Path(store_dir) / f"x{il}.npy", "w+", np.float16, (max_tokens, d)))
+                hs.append(np.lib.format.open_memmap(Path(store_dir) / f"h{il}.npy", "w+", np.float16, (max_tokens, f)))
+        take = min(len(chunk), max_tokens - n)
+        for il in range(runner.n_layer):
+            xs[il][n:n + take] = captured[("input", il)][:take]
+            hs[il][n:n + take] = captured[("act", il)][:take]
+        n += take
+    if n == 0:
+        raise RippleError("no tokens to record; pass more calibration text with --calib")
+    return xs, hs, n

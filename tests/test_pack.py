@@ -1,0 +1,125 @@
+"""Offload pack: bundles equal the GGUF's FFN rows/columns, predictors meet their target on unseen
+text, and a pack that does not belong to its GGUF is refused, never read."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from ripple_gguf.errors import RippleError
+from ripple_gguf.pack import PACK_ALIGN, open_pack, pack_path_for
+
+from conftest import CALIB, FIXTURES, HELDOUT, run_cli
+
+# Relative RMS error of the re-quantized down columns vs the GGUF's own (dequantized) ffn_down,
+# as stated in README/FORMAT.md; measured 0.52% (Q8_0) and 7.6% (Q4_0) on the fixtures.
+DOWN_REQUANT_RMS = {"F32": 0.0, "F16": 0.0, "Q8_0": 0.01, "Q4_0": 0.09}
+
+
+def ffn(reader, il, kind):
+    t = next(t for t in reader.tensors if t.name == f"blk.{il}.{kind}.weight")
+    return gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+
+
+@pytest.mark.parametrize("model", FIXTURES)
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0", "q4_0"])
+def test_bundles_round_trip_to_gguf_tensors(converted, model, outtype):
+    path = converted(model, outtype)
+    pk = open_pack(path)
+    reader = GGUFReader(path)
+    rng = np.random.default_rng(0)
+    assert pk.weight_type.name == outtype.upper()
+    for il in range(pk.n_layer):
+        assert pk.bundle_offsets[il] % PACK_ALIGN == 0
+        n = pk.n_ff[il]
+        starts = np.sort(rng.choice(n - 8, 5, replace=False))
+        runs = [(int(s), int(rng.integers(1, 8))) for s in starts]
+        got = pk.read_runs(il, runs)
+        idx = np.concatenate([np.arange(s, s + c) for s, c in runs])
+        np.testing.assert_array_equal(got["up"], ffn(reader, il, "ffn_up")[idx])
+        if pk.has_gate:
+            np.testing.assert_array_equal(got["gate"], ffn(reader, il, "ffn_gate")[idx])
+        down = ffn(reader, il, "ffn_down")[:, idx].T
+        err = np.sqrt(((got["down"] - down) ** 2).mean() / (down ** 2).mean())
+        assert err <= DOWN_REQUANT_RMS[pk.weight_type.name], err
+
+
+@pytest.mark.parametrize("model", FIXTURES)
+def test_inspect_reports_pack_and_predictor_on_unseen_text(converted, model):
+    path = converted(model, "f16")
+    info = json.loads(run_cli("inspect", path, "--text", HELDOUT, "--json", check=True).stdout)
+    pk = info["ripple"]["pack"]
+    assert pk["status"] == "bound to this GGUF"
+    assert pk["bundle_bytes"] > 0 and 0 < pk["predictor_vs_ffn"] < 0.15
+    ev = pk["on_text"]
+    assert ev["text"] == HELDOUT.name
+    for il, (mr, pd, td) in enumerate(zip(ev["mass_recall"], ev["pred_density"], ev["true_density"])):
+        print(f"{model} layer {il}: mass recall {mr:.3f}, recall {ev['recall'][il]:.3f}, "
+              f"precision {ev['precision'][il]:.3f}, predicted density {pd:.3f} vs true {td:.3f}")
+        assert mr >= 0.90, "predictor far below its 0.95 active-mass target on unseen text"
+        assert pd <= 2 * td
+    text = run_cli("inspect", path, check=True).stdout
+    assert "offload pack" in text and "bytes per neuron bundle" in text
+
+
+def test_pack_of_another_gguf_is_refused(converted, tmp_path):
+    a = converted("tiny-llama-swiglu", "f16")
+    b = converted("tiny-llama-swiglu", "q8_0")
+    gguf_copy = tmp_path / "m.gguf"
+    shutil.copy(a, gguf_copy)
+    shutil.copy(pack_path_for(b), pack_path_for(gguf_copy))  # a pack built for another file
+    with pytest.raises(RippleError, match="different GGUF.*ripple-gguf pack"):
+        open_pack(gguf_copy)
+    proc = run_cli("inspect", gguf_copy)
+    assert proc.returncode == 0 and "unusable" in proc.stdout
+
+
+def test_truncated_pack_is_refused(converted, tmp_path):
+    src = converted("tiny-arcee-relu2", "f16")
+    g = tmp_path / "m.gguf"
+    shutil.copy(src, g)
+    data = pack_path_for(src).read_bytes()
+    pack_path_for(g).write_bytes(data[: len(data) - 5000])
+    with pytest.raises(RippleError, match="truncated.*ripple-gguf pack"):
+        open_pack(g)
+
+
+def test_other_format_version_is_refused(converted, tmp_path):
+    src = converted("tiny-arcee-relu2", "f16")
+    g = tmp_path / "m.gguf"
+    shutil.copy(src, g)
+    shutil.copy(pack_path_for(src), pack_path_for(g))
+    r = GGUFReader(pack_path_for(g), "r+")
+    f = r.get_field("ripple.pack.format_version")
+    f.parts[f.data[0]][0] = 99
+    r.data.flush()
+    del r
+    with pytest.raises(RippleError, match="pack format 99.*ripple-gguf pack"):
+        open_pack(g)
+
+
+def test_pack_command_rebuilds_a_bound_pack(converted, tmp_path):
+    src = converted("tiny-arcee-relu2", "q8_0")
+    g = tmp_path / "m.gguf"
+    shutil.copy(src, g)
+    proc = run_cli("pack", g, "--calib", CALIB, "--calib-tokens", 4096, "--json", check=True)
+    summary = json.loads(proc.stdout)
+    assert summary["pack"] == str(pack_path_for(g))
+    pk = open_pack(g)
+    assert pk.train_tokens > 3000 and len(pk.predictors) == pk.n_layer
+    assert [p.name for p in tmp_path.iterdir()] == sorted(["m.gguf", "m.ripple"]) or set(
+        p.name for p in tmp_path.iterdir()) == {"m.gguf", "m.ripple"}
+
+
+def test_pack_on_plain_gguf_is_a_clear_error(tmp_path):
+    from conftest import MODELS
+    from ripple_gguf.hf_convert import hf_to_gguf
+    plain = tmp_path / "plain.gguf"
+    hf_to_gguf(MODELS / "tiny-arcee-relu2", plain, "f16")
+    proc = run_cli("pack", plain, "--calib", CALIB)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "ripple-gguf convert" in proc.stderr and not pack_path_for(plain).exists()
