@@ -1,0 +1,413 @@
+"""`ripple-gguf run | chat | eval | serve`: generation through the sparse flash-offload runtime.
+
+Every command loads the GGUF with `RippleLlama` (the pack `OUT.ripple` next to it) or, with
+`--dense`, on llama.cpp's stock path, so the two can be compared on the same file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from .errors import RippleError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+# --- memory accounting ---------------------------------------------------------------------------
+
+def _status_kb(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> int:
+    """Restart the kernel's peak-RSS counter (VmHWM) from the current RSS; returns that RSS in bytes.
+    Called after the heavy imports, so the peak measures loading + generation, not the interpreter."""
+    from . import runtime  # noqa: F401  (llama_cpp, numpy, gguf, ... imported before the reset)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    return _status_kb("VmHWM") * 1024
+
+
+def gguf_ffn_split(path: str) -> tuple[int, int]:
+    """(FFN weight bytes, everything else in the file) of a GGUF."""
+    from gguf import GGUFReader
+    import re
+    r = GGUFReader(path)
+    ffn = sum(int(t.n_bytes) for t in r.tensors if re.match(r"^blk\.\d+\.ffn_(gate|up|down)\.weight$", t.name))
+    return ffn, os.path.getsize(path) - ffn
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def _add_runtime_args(p, generation: bool = True) -> None:
+    p.add_argument("gguf", help="converted .gguf (its OUT.ripple pack is found next to it)")
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--memory-budget", metavar="SIZE", help="neuron cache size, e.g. 256MiB (default: the whole FFN)")
+    m.add_argument("--cache-ratio", type=float, metavar="R", help="neuron cache as a share of the FFN bytes, e.g. 0.25")
+    p.add_argument("--dense", action="store_true", help="run the same GGUF on llama.cpp's stock dense path")
+    p.add_argument("--allow-dense-fallback", action="store_true",
+                   help="if the pack is missing or unusable, warn and run dense instead of failing")
+    p.add_argument("--pack", metavar="FILE", help="pack path (default: OUT.ripple next to the GGUF)")
+    p.add_argument("--ctx", type=int, default=None, help="context size (default: 2048, or the model's if smaller)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: llama-cpp-python's)")
+    p.add_argument("--io-threads", type=int, default=4, help="parallel pread workers (default 4)")
+    p.add_argument("--direct-io", action="store_true", help="read the pack with O_DIRECT (bypass the page cache)")
+    p.add_argument("--all-active", action="store_true", help="debug: predictor off, every neuron computed")
+    p.add_argument("--pin-percent", type=int, default=50, help="share of the cache pinned to hot neurons (default 50)")
+    p.add_argument("--t0-us", type=float, default=None, help="cost model: per-read latency in us (default: probed)")
+    p.add_argument("--bw-mbps", type=float, default=None, help="cost model: bandwidth in MB/s (default: probed)")
+    p.add_argument("--merge-gap", type=int, default=None, metavar="BYTES",
+                   help="merge gaps up to this many bytes into one read (default: t0 x bandwidth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    if generation:
+        p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+
+
+def _ripple_kwargs(args) -> dict:
+    return dict(pack_path=args.pack, memory_budget=args.memory_budget, cache_ratio=args.cache_ratio,
+                dense=args.dense, dense_fallback=args.allow_dense_fallback, all_active=args.all_active,
+                io_threads=args.io_threads, direct_io=args.direct_io, pin_percent=args.pin_percent,
+                t0_us=args.t0_us, bw_mbps=args.bw_mbps, merge_gap_bytes=args.merge_gap)
+
+
+def _n_ctx(args, default: int = 2048) -> int:
+    if args.ctx is not None:
+        if args.ctx < 8:
+            raise RippleError("--ctx must be at least 8")
+        return args.ctx
+    from gguf import GGUFReader
+    from .gguf_io import kv
+    r = GGUFReader(args.gguf)
+    arch = kv(r, "general.architecture")
+    train = kv(r, f"{arch}.context_length")
+    return min(default, int(train)) if train else default
+
+
+def prepare(args) -> dict:
+    """Everything checked before the model loads: the file, the context size and (unless --dense)
+    the pack verified against the GGUF. Done before the peak-RSS window opens: verification parses
+    both files' metadata with gguf-py, a transient cost reported separately as verify_peak_rss_bytes."""
+    if not os.path.isfile(args.gguf):
+        raise RippleError(f"{args.gguf}: no such file; pass a converted .gguf")
+    from .runtime import verified_pack
+    reset_peak_rss()
+    prep = {"n_ctx": _n_ctx(args), "pack": None}
+    if not args.dense:
+        try:
+            prep["pack"] = verified_pack(args.gguf, args.pack)
+        except RippleError:
+            if not args.allow_dense_fallback:
+                raise  # with the fallback, RippleLlama repeats the check and warns
+    prep["verify_peak_rss_bytes"] = peak_rss()
+    return prep
+
+
+def load(args, prep: dict, **llama_kwargs):
+    """RippleLlama for the command's arguments; llama.cpp's own log is silenced unless --verbose."""
+    from .runtime import RippleLlama
+    kw = dict(n_ctx=prep["n_ctx"], seed=args.seed, verbose=args.verbose)
+    if args.threads:
+        kw.update(n_threads=args.threads, n_threads_batch=args.threads)
+    kw.update(llama_kwargs)
+    return RippleLlama(args.gguf, pack=prep["pack"], **_ripple_kwargs(args), **kw)
+
+
+def _phase(stats_end: dict, stats_start: dict, tokens: int, seconds: float) -> dict:
+    """Per-token figures of one phase from two ripple_stats() snapshots."""
+    out = {"tokens": tokens, "seconds": round(seconds, 4),
+           "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None}
+    if stats_end.get("mode") != "sparse":
+        return out
+    d = {k: stats_end[k] - stats_start.get(k, 0) for k in
+         ("tokens", "reads", "bytes_read", "cache_hits", "cache_misses", "active_neurons", "total_neurons", "io_seconds")}
+    n = d["tokens"] or 1
+    lookups = d["cache_hits"] + d["cache_misses"]
+    out.update(reads=d["reads"], bytes_read=d["bytes_read"], reads_per_token=round(d["reads"] / n, 3),
+               bytes_per_token=round(d["bytes_read"] / n, 1),
+               cache_hit_rate=round(d["cache_hits"] / lookups, 4) if lookups else None,
+               predicted_density=round(d["active_neurons"] / d["total_neurons"], 4) if d["total_neurons"] else None,
+               io_seconds=round(d["io_seconds"], 4))
+    return out
+
+
+def _memory(args, llm, prep: dict, rss_before: int) -> dict:
+    peak = peak_rss()  # before gguf_ffn_split parses the GGUF again
+    ffn, other = gguf_ffn_split(args.gguf)
+    st = llm.ripple_stats()
+    return {"peak_rss_bytes": peak, "rss_before_load_bytes": rss_before, "gguf_ffn_bytes": ffn,
+            "gguf_non_ffn_bytes": other, "cache_bytes": st.get("cache_bytes"),
+            "runtime_overhead_bytes": st.get("overhead_bytes"),
+            "verify_peak_rss_bytes": prep["verify_peak_rss_bytes"]}
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+def cmd_run(args) -> dict:
+    if args.n < 1:
+        raise RippleError("-n must be at least 1")
+    prep = prepare(args)
+    rss_before = reset_peak_rss()
+    llm = load(args, prep)
+    prompt = llm.tokenize(args.prompt.encode(), add_bos=True, special=True)
+    if len(prompt) + args.n > llm.n_ctx():
+        raise RippleError(f"prompt ({len(prompt)} tokens) + -n {args.n} exceeds the context of {llm.n_ctx()}; "
+                          "raise --ctx or lower -n")
+    ids: list[int] = []
+    s0 = llm.ripple_stats()
+    t0 = time.perf_counter()
+    t_first = s_first = None
+    import llama_cpp
+    vocab = getattr(llm._model, "vocab", None)
+    eog = (lambda t: bool(llama_cpp.llama_vocab_is_eog(vocab, t))) if vocab else (lambda t: t == llm.token_eos())
+    for tok in llm.generate(prompt, temp=args.temp, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0):
+        if t_first is None:
+            t_first, s_first = time.perf_counter(), llm.ripple_stats()
+        if eog(tok):
+            break
+        ids.append(int(tok))
+        if not args.json:
+            sys.stdout.write(llm.detokenize([tok], prev_tokens=prompt + ids[:-1]).decode(errors="replace"))
+            sys.stdout.flush()
+        if len(ids) >= args.n:
+            break
+    t_end = time.perf_counter()
+    s_end = llm.ripple_stats()
+    llm.check_ripple()
+    t_first = t_first or t_end
+    s_first = s_first or s_end
+    text = llm.detokenize(ids, prev_tokens=prompt).decode(errors="replace")
+    result = {
+        "text": text, "prompt_tokens": prompt, "tokens": ids, "mode": s_end.get("mode"),
+        "prompt": _phase(s_first, s0, len(prompt), t_first - t0),
+        "generation": _phase(s_end, s_first, max(len(ids) - 1, 0), t_end - t_first),
+        "memory": _memory(args, llm, prep, rss_before),
+        "ripple": s_end,
+    }
+    g = result["generation"]
+    if not args.json:
+        print()
+        line = f"{len(ids)} tokens, {g['tokens_per_s'] or 0:.1f} tokens/s ({result['mode']})"
+        if result["mode"] == "sparse":
+            line += (f"; per token: {g['reads_per_token']:.1f} reads, {g['bytes_per_token'] / 1024:.1f} KiB; "
+                     f"cache hit rate {100 * (g['cache_hit_rate'] or 0):.1f}%, predicted density "
+                     f"{100 * (g['predicted_density'] or 0):.1f}%")
+        line += f"; peak RSS {result['memory']['peak_rss_bytes'] / 2**20:.1f} MiB"
+        print(line, file=sys.stderr)
+    llm.close()
+    return result
+
+
+def perplexity(llm, tokens: list[int], n_ctx: int, bos: int | None, max_chunks: int | None = None,
+               progress=None) -> tuple[float, int]:
+    """llama-perplexity's measure: independent n_ctx chunks (first token replaced by BOS), each
+    scored on its second half. Returns (perplexity, scored tokens)."""
+    import numpy as np
+    n_chunk = len(tokens) // n_ctx
+    if max_chunks:
+        n_chunk = min(n_chunk, max_chunks)
+    if n_chunk < 1:
+        raise RippleError(f"the text has {len(tokens)} tokens, fewer than one chunk of --ctx {n_ctx}; "
+                          "pass a longer --text or a smaller --ctx")
+    nll, count = 0.0, 0
+    first = n_ctx // 2
+    for c in range(n_chunk):
+        chunk = list(tokens[c * n_ctx:(c + 1) * n_ctx])
+        if bos is not None:
+            chunk[0] = bos
+        llm.reset()
+        llm.eval(chunk)
+        logits = np.asarray(llm.scores[first:n_ctx - 1], dtype=np.float64)
+        targets = np.asarray(chunk[first + 1:n_ctx])
+        m = logits.max(axis=1, keepdims=True)
+        lse = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1)))
+        nll += float(np.sum(lse - logits[np.arange(len(targets)), targets]))
+        count += len(targets)
+        if progress:
+            progress(c + 1, n_chunk, math.exp(nll / count))
+    return math.exp(nll / count), count
+
+
+def cmd_eval(args) -> dict:
+    if not os.path.isfile(args.text):
+        raise RippleError(f"{args.text}: no such file; pass a text file with --text")
+    with open(args.text, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    args.ctx = _n_ctx(args, default=512)
+    prep = prepare(args)
+    n_ctx = prep["n_ctx"]
+    rss_before = reset_peak_rss()
+    llm = load(args, prep, logits_all=True, n_batch=n_ctx, n_ubatch=n_ctx)
+    tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
+    bos = llm.token_bos() if llm.token_bos() >= 0 else None
+    s0 = llm.ripple_stats()
+    t0 = time.perf_counter()
+
+    def progress(c, n, ppl):
+        if not args.json:
+            print(f"\r[{c}/{n}] perplexity {ppl:.4f}", end="", file=sys.stderr, flush=True)
+    ppl, scored = perplexity(llm, tokens, n_ctx, bos, args.chunks, progress)
+    seconds = time.perf_counter() - t0
+    s_end = llm.ripple_stats()
+    llm.check_ripple()
+    n_eval = (len(tokens) // n_ctx if not args.chunks else min(args.chunks, len(tokens) // n_ctx)) * n_ctx
+    result = {"perplexity": ppl, "text": args.text, "ctx": n_ctx, "scored_tokens": scored,
+              "evaluated_tokens": n_eval, "mode": s_end.get("mode"),
+              "eval": _phase(s_end, s0, n_eval, seconds), "memory": _memory(args, llm, prep, rss_before),
+              "ripple": s_end}
+    if not args.json:
+        print(file=sys.stderr)
+        e = result["eval"]
+        extra = ""
+        if result["mode"] == "sparse":
+            extra = (f"; predicted density {100 * (e['predicted_density'] or 0):.1f}%, "
+                     f"{e['reads_per_token']:.2f} reads/token, cache hit rate {100 * (e['cache_hit_rate'] or 0):.1f}%")
+        print(f"perplexity {ppl:.4f} over {scored} tokens ({result['mode']}; {e['tokens_per_s'] or 0:.0f} tokens/s{extra})")
+    llm.close()
+    return result
+
+
+def cmd_chat(args) -> dict:
+    llm = load(args, prepare(args), chat_format=args.chat_format)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat with the model; /stats for runtime counters, /reset to start over, /exit or Ctrl-D to quit",
+              file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            break
+        if cmd == "/stats":
+            print(json.dumps(llm.ripple_stats(), indent=1), file=sys.stderr)
+            continue
+        if cmd == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for chunk in llm.create_chat_completion(messages, stream=True, max_tokens=args.n, temperature=args.temp,
+                                                    seed=args.seed):
+                delta = chunk["choices"][0]["delta"].get("content")
+                if delta:
+                    reply.append(delta)
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+        except ValueError as e:
+            if "context" in str(e).lower():
+                raise RippleError("the conversation no longer fits the context; /reset or raise --ctx") from None
+            raise
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    st = llm.ripple_stats()
+    if not args.json and st.get("mode") == "sparse":
+        print(f"{st['tokens']} tokens; {st['reads_per_token']:.1f} reads and {st['bytes_per_token'] / 1024:.1f} KiB "
+              f"per token; cache hit rate {100 * st['cache_hit_rate']:.1f}%", file=sys.stderr)
+    llm.close()
+    return {"messages": messages, "ripple": st}
+
+
+def cmd_serve(args) -> dict:
+    try:
+        import uvicorn
+        import llama_cpp
+        import llama_cpp.server.model as server_model
+        from llama_cpp.server.app import create_app
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+    except ImportError as e:
+        raise RippleError(f"the server needs llama-cpp-python's server extras ({e.name} is missing); "
+                          "re-run tools/setup.sh") from None
+    from .runtime import RippleLlama
+    if args.host not in LOOPBACK:
+        print(f"warning: serving on {args.host}, reachable from other machines; there is no authentication "
+              "unless you pass --api-key", file=sys.stderr)
+    if not os.path.isfile(args.gguf):
+        raise RippleError(f"{args.gguf}: no such file; pass a converted .gguf")
+    model_settings = ModelSettings(model=args.gguf, model_alias=args.alias or os.path.basename(args.gguf),
+                                   n_ctx=_n_ctx(args), seed=args.seed, verbose=args.verbose,
+                                   chat_format=args.chat_format, **({"n_threads": args.threads,
+                                   "n_threads_batch": args.threads} if args.threads else {}))
+    server_settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key)
+    ripple_kw = _ripple_kwargs(args)
+
+    def make(**kw):  # what llama-cpp-python's server calls in place of llama_cpp.Llama
+        return RippleLlama(**kw, **ripple_kw)
+
+    original = llama_cpp.Llama
+    server_model.llama_cpp.Llama = make
+    try:
+        app = create_app(server_settings=server_settings, model_settings=[model_settings])
+    finally:
+        server_model.llama_cpp.Llama = original
+
+    @app.get("/ripple/stats")
+    def ripple_stats():  # runtime counters of the loaded model
+        import llama_cpp.server.app as server_app
+        proxy = server_app._llama_proxy
+        model = getattr(proxy, "_current_model", None)
+        return model.ripple_stats() if model is not None else {}
+
+    print(f"serving {args.gguf} on http://{args.host}:{args.port}/v1 (OpenAI-compatible; "
+          f"runtime counters at /ripple/stats); Ctrl-C to stop", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return {}
+
+
+def register(sub) -> None:
+    """Add run / chat / eval / serve to the `ripple-gguf` subparsers."""
+    r = sub.add_parser("run", help="generate text with the sparse flash-offload runtime")
+    _add_runtime_args(r)
+    r.add_argument("-p", "--prompt", required=True)
+    r.add_argument("-n", type=int, default=64, help="tokens to generate (default 64)")
+    r.add_argument("--json", action="store_true", help="print text, token ids and runtime stats as JSON")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("chat", help="interactive chat (streamed) through the chat template in the GGUF")
+    _add_runtime_args(c)
+    c.add_argument("-n", type=int, default=256, help="max tokens per reply (default 256)")
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--chat-format", default=None, help="llama-cpp-python chat format (default: the GGUF's template)")
+    c.add_argument("--json", action="store_true", help="print the transcript and stats as JSON at the end")
+    c.set_defaults(func=cmd_chat)
+
+    e = sub.add_parser("eval", help="perplexity on a text file (like llama-perplexity) plus runtime stats")
+    _add_runtime_args(e, generation=False)
+    e.add_argument("--text", required=True, metavar="FILE", help="text not used for calibration")
+    e.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (llama-cpp-python's) on the sparse runtime")
+    _add_runtime_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--alias", default=None, help="model name clients use (default: the file name)")
+    s.add_argument("--api-key", default=None, help="require this bearer token")
+    s.add_argument("--chat-format", default=None, help="llama-cpp-python chat format (default: the GGUF's template)")
+    s.set_defaults(func=cmd_serve)

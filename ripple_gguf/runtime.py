@@ -1,0 +1,290 @@
+"""`RippleLlama`: llama-cpp-python's `Llama` running each FFN sparsely from the offload pack.
+
+The patched libllama (patches/0001-ripple-sparse-ffn.patch) exposes a small C API; we reach it
+through ctypes on the library llama-cpp-python already loaded. The pack is registered for the GGUF
+path *before* the model loads (so llama.cpp never prefetches or repacks the GGUF's FFN bytes), then
+attached by the loader; every graph then computes predictor -> active neurons -> cache hits + merged
+contiguous preads -> sparse FFN. Read failures during generation are sticky in the library: we
+check after every decode and raise `RippleError` before any token is sampled from a bad batch.
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+from .errors import RippleError
+from .pack import Pack, open_pack, pack_path_for
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int | float) -> int:
+    """'512MiB', '1.5G', '300k', '1048576' -> bytes (K/M/G/T and KiB/MiB/... are both powers of 1024,
+    'KB/MB/GB' with a B but no i are powers of 1000)."""
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise RippleError(f"memory budget {text} is negative")
+        return int(text)
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise RippleError(f"cannot read memory size {text!r}; write it like 512MiB, 2GiB or 1000000")
+    num, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3)
+    power = "kmgt".index(unit) + 1 if unit else 0
+    decimal = unit and not binary and str(text).strip().lower().endswith("b")
+    return int(num * (1000 if decimal else 1024) ** power)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class RippleParams(ctypes.Structure):
+    """struct llama_ripple_params (include/llama-ripple.h)."""
+    _fields_ = [
+        ("memory_budget", ctypes.c_uint64),
+        ("io_threads", ctypes.c_int32),
+        ("direct_io", ctypes.c_int32),
+        ("all_active", ctypes.c_int32),
+        ("pin_percent", ctypes.c_int32),
+        ("t0_us", ctypes.c_double),
+        ("bw_mbps", ctypes.c_double),
+        ("merge_gap_bytes", ctypes.c_int64),
+    ]
+
+
+_STAT_U64 = ("tokens", "layer_tokens", "reads", "bytes_read", "useful_bytes", "cache_hits", "cache_misses",
+             "active_neurons", "total_neurons", "preload_reads", "preload_bytes", "cache_bytes", "cache_slots",
+             "pinned_slots", "bundle_bytes", "ffn_bytes", "min_budget", "overhead_bytes", "merge_gap_bytes",
+             "direct_io", "all_active", "error")
+_STAT_F64 = ("io_seconds", "t0_us", "bw_mbps")
+
+
+class RippleStatsC(ctypes.Structure):
+    """struct llama_ripple_stats (include/llama-ripple.h)."""
+    _fields_ = [(n, ctypes.c_uint64) for n in _STAT_U64] + [(n, ctypes.c_double) for n in _STAT_F64]
+
+
+_lib_cache = None
+
+
+def ripple_lib():
+    """The libllama llama-cpp-python loaded, with the ripple C API typed; RippleError if unpatched."""
+    global _lib_cache
+    if _lib_cache is not None:
+        return _lib_cache
+    lib = llama_cpp.llama_cpp._lib
+    if not hasattr(lib, "llama_ripple_register"):
+        raise RippleError("the installed llama-cpp-python was built without the ripple runtime patch; "
+                          "run tools/setup.sh (or use --dense)")
+    p, vp = ctypes.c_char_p, ctypes.c_void_p
+    sig = {
+        "llama_ripple_default_params": ([], RippleParams),
+        "llama_ripple_register": ([p, p, ctypes.POINTER(RippleParams)], ctypes.c_int32),
+        "llama_ripple_unregister": ([p], None),
+        "llama_ripple_is_attached": ([vp], ctypes.c_bool),
+        "llama_ripple_get_stats": ([vp, ctypes.POINTER(RippleStatsC)], ctypes.c_int32),
+        "llama_ripple_reset_stats": ([vp], None),
+        "llama_ripple_last_error": ([vp], p),
+        "llama_ripple_set_trace": ([vp, ctypes.c_bool], None),
+        "llama_ripple_get_trace": ([vp, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64),
+                                    ctypes.c_int64], ctypes.c_int64),
+        "llama_ripple_detach": ([vp], ctypes.c_int32),
+    }
+    for name, (args, res) in sig.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    _lib_cache = lib
+    return lib
+
+
+@dataclass
+class RippleOptions:
+    memory_budget: int | str | None = None   # bytes or "512MiB"; default: the whole FFN
+    cache_ratio: float | None = None         # or: this share of the FFN bytes
+    io_threads: int = 4
+    direct_io: bool = False
+    all_active: bool = False                 # debug: predictor off, every neuron computed
+    pin_percent: int = 50
+    t0_us: float | None = None               # cost-model overrides (default: probed at load)
+    bw_mbps: float | None = None
+    merge_gap_bytes: int | None = None
+
+
+def budget_bytes(pack: Pack, opts: RippleOptions) -> int:
+    """The cache budget in bytes, refused up front when it cannot hold one layer's working set."""
+    if opts.memory_budget is not None and opts.cache_ratio is not None:
+        raise RippleError("pass either a memory budget or a cache ratio, not both")
+    ffn = sum(n * pack.bundle_bytes for n in pack.n_ff)
+    minimum = max(pack.n_ff) * pack.bundle_bytes
+    if opts.cache_ratio is not None:
+        if not 0.0 < opts.cache_ratio <= 1.0:
+            raise RippleError("--cache-ratio must be in (0, 1], e.g. 0.25")
+        budget = int(ffn * opts.cache_ratio)
+    elif opts.memory_budget is not None:
+        budget = parse_size(opts.memory_budget)
+    else:
+        return ffn
+    if budget < minimum:
+        raise RippleError(f"memory budget {fmt_bytes(budget)} ({budget} bytes) cannot hold one layer's working set; "
+                          f"the minimum for this model is {fmt_bytes(minimum)} ({minimum} bytes): pass "
+                          f"--memory-budget {minimum} or more (or --cache-ratio {minimum / ffn:.3f})")
+    return budget
+
+
+def verified_pack(model_path: str, pack_path: str | None = None) -> Pack:
+    """The pack for a GGUF, verified against it (binding, version, truncation); RippleError otherwise.
+    The predictor arrays the reader decodes are dropped: the library reads its own copy."""
+    import gc
+    pack = open_pack(model_path, pack_path)
+    pack.predictors = []
+    gc.collect()  # the readers of both files (and their per-element KV arrays) go now, not later
+    return pack
+
+
+class RippleLlama(llama_cpp.Llama):
+    """A `llama_cpp.Llama` whose FFNs run sparsely from `OUT.ripple` (found next to the GGUF).
+
+    RippleLlama("m.gguf", memory_budget="256MiB")       # or cache_ratio=0.25
+    RippleLlama("m.gguf", dense=True)                   # the same GGUF on llama.cpp's stock path
+    RippleLlama("m.gguf", dense_fallback=True)          # stock path with a warning if the pack is unusable
+    RippleLlama("m.gguf", pack=verified_pack("m.gguf"))  # reuse a pack verified earlier
+    Everything else (n_ctx, n_threads, chat_format, verbose, ...) goes to `llama_cpp.Llama`.
+    """
+
+    def __init__(self, model_path: str, *, pack_path: str | None = None, pack: Pack | None = None,
+                 memory_budget: int | str | None = None,
+                 cache_ratio: float | None = None, dense: bool = False, dense_fallback: bool = False,
+                 all_active: bool = False, io_threads: int = 4, direct_io: bool = False, pin_percent: int = 50,
+                 t0_us: float | None = None, bw_mbps: float | None = None, merge_gap_bytes: int | None = None,
+                 **kwargs):
+        self.ripple_pack: Pack | None = None
+        self.ripple_dense_reason: str | None = None
+        model_path = str(model_path)
+        if not Path(model_path).is_file():
+            raise RippleError(f"{model_path}: no such file; pass the path of a converted .gguf")
+        opts = RippleOptions(memory_budget, cache_ratio, io_threads, direct_io, all_active, pin_percent,
+                             t0_us, bw_mbps, merge_gap_bytes)
+        kwargs.setdefault("n_gpu_layers", 0)
+        if dense:
+            self.ripple_dense_reason = "dense requested"
+            super().__init__(model_path, **kwargs)
+            return
+        try:
+            pack = pack or verified_pack(model_path, pack_path)
+            budget = budget_bytes(pack, opts)
+            lib = ripple_lib()
+        except RippleError as e:
+            if not dense_fallback:
+                raise
+            msg = f"ripple: {e}; running the stock dense path instead"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            print(f"warning: {msg}", file=sys.stderr)
+            self.ripple_dense_reason = str(e)
+            super().__init__(model_path, **kwargs)
+            return
+
+        params = lib.llama_ripple_default_params()
+        params.memory_budget = budget
+        params.io_threads = max(1, int(io_threads))
+        params.direct_io = int(bool(direct_io))
+        params.all_active = int(bool(all_active))
+        params.pin_percent = int(pin_percent)
+        params.t0_us = float(t0_us or 0.0)
+        params.bw_mbps = float(bw_mbps or 0.0)
+        params.merge_gap_bytes = -1 if merge_gap_bytes is None else int(merge_gap_bytes)
+        mp = model_path.encode()
+        if lib.llama_ripple_register(mp, str(pack.path).encode(), ctypes.byref(params)) != 0:
+            raise RippleError(lib.llama_ripple_last_error(None).decode(errors="replace"))
+        try:
+            super().__init__(model_path, **kwargs)
+        except Exception as e:
+            lib.llama_ripple_unregister(mp)
+            err = lib.llama_ripple_last_error(None).decode(errors="replace")
+            raise RippleError(err or f"llama.cpp could not load {model_path} ({e})") from None
+        lib.llama_ripple_unregister(mp)
+        if not lib.llama_ripple_is_attached(self.model):
+            err = lib.llama_ripple_last_error(None).decode(errors="replace")
+            raise RippleError(f"the ripple pack was not attached to {model_path}: {err or 'unknown reason'}")
+        self.ripple_pack = pack
+
+    def close(self) -> None:
+        if hasattr(self, "_stack"):  # also when __init__ failed before llama_cpp.Llama set up
+            super().close()
+
+    # --- sparse-runtime state -------------------------------------------------------------------
+
+    @property
+    def ripple_active(self) -> bool:
+        return self.ripple_pack is not None
+
+    def ripple_error(self) -> str | None:
+        if not self.ripple_active:
+            return None
+        lib = ripple_lib()
+        st = RippleStatsC()
+        if lib.llama_ripple_get_stats(self.model, ctypes.byref(st)) != 0 or not st.error:
+            return None
+        return lib.llama_ripple_last_error(self.model).decode(errors="replace") or "ripple runtime error"
+
+    def check_ripple(self) -> None:
+        """Raise RippleError if a pack read failed (the last batch's logits are then garbage)."""
+        err = self.ripple_error()
+        if err:
+            raise RippleError(f"sparse FFN failed: {err}")
+
+    def eval(self, tokens):
+        super().eval(tokens)
+        self.check_ripple()
+
+    def ripple_stats(self) -> dict:
+        """Counters since load (or the last ripple_reset_stats): tokens, reads (syscalls), bytes read
+        (counted at the syscall), cache hits/misses, I/O seconds, predicted density, and the setup."""
+        if not self.ripple_active:
+            return {"mode": "dense", "reason": self.ripple_dense_reason}
+        lib = ripple_lib()
+        st = RippleStatsC()
+        if lib.llama_ripple_get_stats(self.model, ctypes.byref(st)) != 0:
+            raise RippleError("ripple pack is not attached")
+        d = {n: int(getattr(st, n)) for n in _STAT_U64}
+        d.update({n: float(getattr(st, n)) for n in _STAT_F64})
+        d["error"] = bool(d["error"])
+        d["direct_io"] = bool(d["direct_io"])
+        d["all_active"] = bool(d["all_active"])
+        d["mode"] = "sparse"
+        lookups = d["cache_hits"] + d["cache_misses"]
+        d["cache_hit_rate"] = d["cache_hits"] / lookups if lookups else 0.0
+        d["predicted_density"] = d["active_neurons"] / d["total_neurons"] if d["total_neurons"] else 0.0
+        d["reads_per_token"] = d["reads"] / d["tokens"] if d["tokens"] else 0.0
+        d["bytes_per_token"] = d["bytes_read"] / d["tokens"] if d["tokens"] else 0.0
+        d["pack"] = str(self.ripple_pack.path)
+        return d
+
+    def ripple_reset_stats(self) -> None:
+        if self.ripple_active:
+            ripple_lib().llama_ripple_reset_stats(self.model)
+
+    def ripple_trace(self, enable: bool | None = None) -> list[tuple[int, int]]:
+        """With enable=True/False: start (clearing) / stop recording reads. Returns the (offset,
+        length) of every read syscall recorded so far."""
+        if not self.ripple_active:
+            return []
+        lib = ripple_lib()
+        if enable is not None:
+            lib.llama_ripple_set_trace(self.model, bool(enable))
+        n = lib.llama_ripple_get_trace(self.model, None, None, 0)
+        offs, lens = (ctypes.c_uint64 * max(n, 1))(), (ctypes.c_uint64 * max(n, 1))()
+        n = lib.llama_ripple_get_trace(self.model, offs, lens, n)
+        return [(int(offs[i]), int(lens[i])) for i in range(n)]
+
+
+__all__ = ["RippleLlama", "RippleOptions", "parse_size", "budget_bytes", "ripple_lib", "verified_pack", "pack_path_for"]

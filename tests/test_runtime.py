@@ -1,0 +1,412 @@
+"""Sparse flash-offload runtime (patched libllama + RippleLlama + run/chat/eval/serve).
+
+What is checked: with the predictor off and every neuron active the sparse FFN computes what the
+dense one does; with the predictor on perplexity stays within 5% of dense; memory stays under the
+budget; the read counters are what the file offsets imply; and every bad pack or failing read is an
+error, never a crash or silently wrong text.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ripple_gguf.errors import RippleError
+from ripple_gguf.pack import open_pack, pack_path_for
+from ripple_gguf.runtime import RippleLlama, parse_size, ripple_lib
+
+from conftest import CALIB, FIXTURES, HELDOUT, MODELS, ROOT, run_cli
+
+OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
+# sparse vs dense logits (all neurons active). F32 is the same arithmetic in another order; F16 differs
+# by the f16 rounding of the intermediate dense applies; Q8_0/Q4_0 also by the pack's re-quantized
+# down rows (docs/FORMAT.md). Measured max |diff| on logits of scale ~5: 0, 3e-4, 7e-3, 2e-2.
+LOGIT_TOL = {"f32": 1e-3, "f16": 5e-3, "q8_0": 3e-2, "q4_0": 8e-2}
+PPL_TOL = 0.05
+# what a process holds besides non-FFN weights and the cache: llama.cpp's KV cache and compute buffers,
+# the runtime's predictor weights and tables (reported as overhead_bytes), malloc arenas
+STATED_OVERHEAD = 24 * 2**20
+KW = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def packed(converted):
+    """packed(model, outtype) -> GGUF path with its OUT.ripple next to it."""
+    def get(model: str, outtype: str = "f32") -> Path:
+        path = converted(model, outtype)
+        if not pack_path_for(path).is_file():
+            run_cli("pack", path, "--calib", CALIB, "--calib-tokens", 8192, check=True)
+        return path
+    return get
+
+
+def prompt_tokens(llm, n=96) -> list[int]:
+    return llm.tokenize(HELDOUT.read_text()[:2000].encode())[:n]
+
+
+def logits_and_greedy(llm, toks, n_gen=24):
+    llm.reset()
+    llm.eval(toks)
+    logits = np.array(llm.scores[:len(toks)], dtype=np.float64)
+    gen = [int(t) for _, t in zip(range(n_gen), llm.generate(toks[:32], temp=0.0, top_k=1))]
+    return logits, gen
+
+
+# --- sparse == dense --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", FIXTURES)
+@pytest.mark.parametrize("outtype", OUTTYPES)
+def test_all_neurons_active_equals_dense(packed, model, outtype):
+    path = packed(model, outtype)
+    dense = RippleLlama(path, dense=True, logits_all=True, **KW)
+    toks = prompt_tokens(dense)
+    ld, gd = logits_and_greedy(dense, toks)
+    dense.close()
+    sparse = RippleLlama(path, all_active=True, logits_all=True, **KW)
+    ls, gs = logits_and_greedy(sparse, toks)
+    st = sparse.ripple_stats()
+    sparse.close()
+    diff = float(np.abs(ls - ld).max())
+    print(f"{model} {outtype}: max |logit diff| {diff:.2e} (scale {np.abs(ld).max():.2f})")
+    assert st["mode"] == "sparse" and st["all_active"] and st["predicted_density"] == 1.0
+    assert st["tokens"] > 0 and not st["error"]
+    assert diff <= LOGIT_TOL[outtype]
+    assert gs == gd
+    assert (ls.argmax(1) == ld.argmax(1)).all()
+
+
+def test_without_registration_the_same_file_loads_stock(packed):
+    path = packed("tiny-llama-swiglu", "f32")
+    sparse = RippleLlama(path, **KW)
+    plain = RippleLlama(path, dense=True, **KW)  # same file, no registration: stock path
+    lib = ripple_lib()
+    assert lib.llama_ripple_is_attached(sparse.model) and not lib.llama_ripple_is_attached(plain.model)
+    assert plain.ripple_stats()["mode"] == "dense"
+    sparse.close()
+    plain.close()
+
+
+# --- predictor on ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", FIXTURES)
+def test_eval_perplexity_within_5_percent_of_dense(packed, model):
+    path = packed(model, "f16")
+    res = {}
+    for mode in ("--dense", None):
+        args = ["eval", path, "--text", HELDOUT, "--json"] + ([mode] if mode else [])
+        proc = run_cli(*args, check=True, timeout=1200)
+        res[mode or "sparse"] = json.loads(proc.stdout)
+    d, s = res["--dense"]["perplexity"], res["sparse"]["perplexity"]
+    e = res["sparse"]["eval"]
+    print(f"{model} f16 on {HELDOUT.name} ({res['sparse']['scored_tokens']} tokens): perplexity dense {d:.3f}, "
+          f"sparse {s:.3f} ({100 * (s / d - 1):+.2f}%), predicted density {e['predicted_density']:.3f}, "
+          f"cache hit rate {e['cache_hit_rate']:.3f}")
+    assert res["sparse"]["mode"] == "sparse" and res["--dense"]["mode"] == "dense"
+    assert e["predicted_density"] < 0.9  # the predictor really skipped neurons
+    assert abs(s / d - 1) <= PPL_TOL
+
+
+def test_eval_cli_reports_perplexity_and_stats(packed):
+    path = packed("tiny-arcee-relu2", "f32")
+    proc = run_cli("eval", path, "--text", HELDOUT, "--chunks", 2, "--ctx", 128, "--json", check=True)
+    r = json.loads(proc.stdout)
+    assert r["mode"] == "sparse" and r["scored_tokens"] == 2 * 63 and 1 < r["perplexity"] < 1024
+    assert 0 < r["eval"]["predicted_density"] < 1 and r["eval"]["tokens"] == 256
+
+
+# --- memory ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def big_model(tmp_path_factory):
+    """A random LLaMA large enough that its FFN (96 MiB f16) dwarfs everything else (14 MiB)."""
+    out = tmp_path_factory.mktemp("big")
+    script = f"""
+import shutil, torch
+from pathlib import Path
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=4096, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+LlamaForCausalLM(cfg).save_pretrained({str(out / 'hf')!r}, safe_serialization=True)
+for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+    shutil.copy(Path({str(MODELS / 'tiny-llama-swiglu')!r}) / f, Path({str(out / 'hf')!r}) / f)
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=600)
+    gguf_path = out / "big.gguf"
+    run_cli("convert", out / "hf", "-o", gguf_path, "--outtype", "f16", "--calib", CALIB,
+            "--calib-tokens", 4096, check=True, timeout=1800)
+    return gguf_path
+
+
+@pytest.mark.slow
+def test_peak_rss_stays_under_non_ffn_weights_plus_budget(big_model):
+    budget = 16 * 2**20  # the FFN is 96 MiB; one layer's working set is 12 MiB
+    runs = {}
+    for name, extra in (("sparse", ["--memory-budget", str(budget)]), ("dense", ["--dense"])):
+        proc = run_cli("run", big_model, "-p", "import os\n", "-n", 24, "--ctx", 256, "--json", *extra,
+                       check=True, timeout=900)
+        runs[name] = json.loads(proc.stdout)
+    s, d = runs["sparse"], runs["dense"]
+    m = s["memory"]
+    grew = m["peak_rss_bytes"] - m["rss_before_load_bytes"]
+    bound = m["gguf_non_ffn_bytes"] + budget + m["runtime_overhead_bytes"] + STATED_OVERHEAD
+    dense_grew = d["memory"]["peak_rss_bytes"] - d["memory"]["rss_before_load_bytes"]
+    mib = 2**20
+    print(f"FFN {m['gguf_ffn_bytes'] / mib:.1f} MiB, non-FFN {m['gguf_non_ffn_bytes'] / mib:.1f} MiB, budget "
+          f"{budget / mib:.0f} MiB, runtime overhead {m['runtime_overhead_bytes'] / mib:.1f} MiB: peak RSS grew "
+          f"{grew / mib:.1f} MiB (bound {bound / mib:.1f} MiB) vs dense {dense_grew / mib:.1f} MiB; "
+          f"{s['generation']['tokens_per_s']} tokens/s sparse, {d['generation']['tokens_per_s']} dense")
+    assert len(s["tokens"]) == 24 and s["ripple"]["tokens"] >= 24 and not s["ripple"]["error"]
+    assert s["ripple"]["cache_bytes"] <= budget
+    assert grew <= bound
+    assert grew < m["gguf_ffn_bytes"]  # the FFN was never resident
+    assert dense_grew > m["gguf_ffn_bytes"]  # ... while the stock path maps all of it
+
+
+def test_budget_below_one_layer_is_refused_with_the_minimum(packed):
+    path = packed("tiny-llama-swiglu", "f32")
+    pk = open_pack(path)
+    minimum = max(pk.n_ff) * pk.bundle_bytes
+    with pytest.raises(RippleError, match=f"minimum.*{minimum} bytes"):
+        RippleLlama(path, memory_budget=minimum - 1, **KW)
+    proc = run_cli("run", path, "-p", "x", "--memory-budget", "1KiB")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and str(minimum) in proc.stderr
+    llm = RippleLlama(path, memory_budget=minimum, **KW)  # exactly one layer works
+    llm.create_completion("def ", max_tokens=8, temperature=0.0)
+    assert llm.ripple_stats()["cache_slots"] == max(pk.n_ff)
+    llm.close()
+
+
+def test_parse_size():
+    assert parse_size("512MiB") == 512 * 2**20 and parse_size("1.5G") == int(1.5 * 2**30)
+    assert parse_size("300k") == 300 * 1024 and parse_size("2MB") == 2_000_000 and parse_size(4096) == 4096
+    with pytest.raises(RippleError):
+        parse_size("lots")
+
+
+# --- honest counters -------------------------------------------------------------------------------
+
+def read_rchar() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_bytes_read_are_what_the_file_offsets_imply(packed):
+    path = packed("tiny-llama-swiglu", "f32")
+    pk = open_pack(path)
+    budget = 2 * max(pk.n_ff) * pk.bundle_bytes  # half the FFN: misses keep happening
+    llm = RippleLlama(path, memory_budget=budget, pin_percent=0, **KW)
+    llm.ripple_trace(True)
+    llm.ripple_reset_stats()
+    rchar0 = read_rchar()
+    llm.create_completion(HELDOUT.read_text()[:300], max_tokens=24, temperature=0.0)
+    rchar = read_rchar() - rchar0
+    trace, st = llm.ripple_trace(), llm.ripple_stats()
+    llm.close()
+    tables = [(off, off + n * pk.bundle_bytes) for off, n in zip(pk.bundle_offsets, pk.n_ff)]
+    assert st["reads"] == len(trace) > 0
+    assert st["bytes_read"] == sum(n for _, n in trace)
+    for off, n in trace:  # every read lies in one layer's table and covers whole bundles
+        lo, hi = next((lo, hi) for lo, hi in tables if lo <= off < hi)
+        assert off + n <= hi and (off - lo) % pk.bundle_bytes == 0 and n % pk.bundle_bytes == 0
+    assert st["bytes_read"] >= st["useful_bytes"] == st["cache_misses"] * pk.bundle_bytes
+    assert st["bytes_read"] <= rchar  # the kernel counted at least these bytes
+    print(f"{st['reads']} reads, {st['bytes_read']} bytes ({st['useful_bytes']} needed), rchar {rchar}")
+
+
+def test_cold_all_active_first_token_reads_the_ffn_exactly_once(packed):
+    path = packed("tiny-arcee-relu2", "f16")
+    pk = open_pack(path)
+    ffn = sum(pk.n_ff) * pk.bundle_bytes
+    llm = RippleLlama(path, all_active=True, pin_percent=0, **KW)  # default budget: the whole FFN
+    llm.ripple_reset_stats()
+    llm.eval(llm.tokenize(b"def f(x):"))
+    first = llm.ripple_stats()
+    llm.eval(llm.tokenize(b" return x", add_bos=False))
+    second = llm.ripple_stats()
+    llm.close()
+    assert first["bytes_read"] == ffn and first["cache_misses"] == sum(pk.n_ff)
+    assert first["reads"] <= 2 * pk.n_layer  # one merged read per layer (split only at 4 MiB)
+    assert second["bytes_read"] == ffn and second["cache_hits"] > 0  # everything cached afterwards
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+def copy_model(src: Path, dst_dir: Path, with_pack: bool = True) -> Path:
+    dst = dst_dir / src.name
+    shutil.copy(src, dst)
+    if with_pack:
+        shutil.copy(pack_path_for(src), pack_path_for(dst))
+    return dst
+
+
+def test_missing_pack_is_a_clear_error_or_a_loud_fallback(packed, tmp_path):
+    path = copy_model(packed("tiny-llama-swiglu", "f32"), tmp_path, with_pack=False)
+    with pytest.raises(RippleError, match="no offload pack.*ripple-gguf pack"):
+        RippleLlama(path, **KW)
+    with pytest.warns(RuntimeWarning, match="dense"):
+        llm = RippleLlama(path, dense_fallback=True, **KW)
+    assert llm.ripple_stats()["mode"] == "dense"
+    llm.close()
+    proc = run_cli("run", path, "-p", "def ", "-n", 4)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: no offload pack")
+    proc = run_cli("run", path, "-p", "def ", "-n", 4, "--allow-dense-fallback", "--json")
+    assert proc.returncode == 0 and "warning:" in proc.stderr and json.loads(proc.stdout)["mode"] == "dense"
+
+
+def test_mismatched_pack_is_refused(packed, tmp_path):
+    path = copy_model(packed("tiny-llama-swiglu", "f32"), tmp_path, with_pack=False)
+    shutil.copy(pack_path_for(packed("tiny-llama-swiglu", "f16")), pack_path_for(path))
+    with pytest.raises(RippleError, match="different GGUF|does not describe|rebuild"):
+        RippleLlama(path, **KW)
+
+
+def test_truncated_pack_is_refused(packed, tmp_path):
+    path = copy_model(packed("tiny-llama-swiglu", "f32"), tmp_path)
+    pack = pack_path_for(path)
+    os.truncate(pack, pack.stat().st_size // 2)
+    with pytest.raises(RippleError, match="truncated"):
+        RippleLlama(path, **KW)
+
+
+def load_unverified(path: Path, pack: Path, **params):
+    """Register a pack straight with the library (skipping the Python verification) to check that
+    the C++ side validates structure itself. Returns (llm or None, error)."""
+    import llama_cpp
+    lib = ripple_lib()
+    p = lib.llama_ripple_default_params()
+    for k, v in params.items():
+        setattr(p, k, v)
+    assert lib.llama_ripple_register(str(path).encode(), str(pack).encode(), ctypes.byref(p)) == 0
+    try:
+        return llama_cpp.Llama(str(path), **KW), ""
+    except ValueError:
+        return None, lib.llama_ripple_last_error(None).decode()
+    finally:
+        lib.llama_ripple_unregister(str(path).encode())
+
+
+@pytest.mark.parametrize("damage", ["truncate-data", "truncate-header", "garbage", "other-model"])
+def test_library_validates_pack_structure(packed, tmp_path, damage):
+    path = copy_model(packed("tiny-llama-swiglu", "f32"), tmp_path)
+    pack = pack_path_for(path)
+    size = pack.stat().st_size
+    if damage == "truncate-data":
+        os.truncate(pack, size - 4096)
+    elif damage == "truncate-header":
+        os.truncate(pack, 200)
+    elif damage == "garbage":
+        data = bytearray(pack.read_bytes())
+        rng = np.random.default_rng(1)
+        for i in rng.integers(8, 4096, 200):  # scribble over the KV section
+            data[i] = rng.integers(0, 256)
+        pack.write_bytes(bytes(data))
+    else:
+        shutil.copy(pack_path_for(packed("tiny-arcee-relu2", "f32")), pack)
+    llm, err = load_unverified(path, pack)
+    if llm is not None:  # scribbles can land on informational keys; then it must still run correctly
+        assert damage == "garbage"
+        llm.close()
+        return
+    assert err, "the library refused the pack without saying why"
+    if damage.startswith("truncate"):
+        assert "truncated" in err or "not a readable pack" in err
+
+
+def test_pack_truncated_mid_run_stops_generation_with_an_error(packed, tmp_path):
+    path = copy_model(packed("tiny-llama-swiglu", "f32"), tmp_path)
+    pk = open_pack(path)
+    llm = RippleLlama(path, memory_budget=max(pk.n_ff) * pk.bundle_bytes, pin_percent=0, **KW)
+    out = llm.create_completion("def ", max_tokens=4, temperature=0.0)  # works while the pack is whole
+    assert out["choices"][0]["text"] is not None
+    os.truncate(pk.path, pk.bundle_offsets[1])  # layers 1.. gone from under the running model
+    with pytest.raises(RippleError, match="truncated"):
+        llm.create_completion(HELDOUT.read_text()[:400], max_tokens=16, temperature=0.0)
+    with pytest.raises(RippleError):  # sticky: no later call produces text from zeroed FFNs
+        llm.create_completion("x", max_tokens=2, temperature=0.0)
+    assert llm.ripple_stats()["error"]
+    llm.close()
+    # the CLI reports it as one line
+    proc = run_cli("run", path, "-p", HELDOUT.read_text()[:400], "-n", 8, "--memory-budget",
+                   str(max(pk.n_ff) * pk.bundle_bytes), "--pin-percent", "0")
+    assert proc.returncode == 1 and "error: " in proc.stderr
+
+
+# --- glue and CLI ----------------------------------------------------------------------------------
+
+def test_chat_completion_through_the_sparse_runtime(packed):
+    llm = RippleLlama(packed("tiny-llama-swiglu", "f16"), cache_ratio=0.5, **KW)
+    out = llm.create_chat_completion([{"role": "user", "content": "def add(a, b):"}], max_tokens=16,
+                                     temperature=0.0)
+    assert out["choices"][0]["message"]["role"] == "assistant"
+    chunks = list(llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=8, stream=True))
+    assert chunks and llm.ripple_stats()["tokens"] > 0
+    llm.close()
+
+
+def test_run_cli_json(packed):
+    path = packed("tiny-arcee-relu2", "q8_0")
+    proc = run_cli("run", path, "-p", "import os\n", "-n", 12, "--cache-ratio", "0.5", "--json", check=True)
+    r = json.loads(proc.stdout)
+    assert r["mode"] == "sparse" and isinstance(r["text"], str) and len(r["tokens"]) <= 12
+    g = r["generation"]
+    for key in ("tokens_per_s", "reads_per_token", "bytes_per_token", "cache_hit_rate", "predicted_density"):
+        assert key in g
+    assert r["memory"]["peak_rss_bytes"] > 0 and r["ripple"]["cache_bytes"] <= r["ripple"]["ffn_bytes"] // 2 + 4096
+    dense = json.loads(run_cli("run", path, "-p", "import os\n", "-n", 12, "--dense", "--json", check=True).stdout)
+    assert dense["mode"] == "dense"
+
+
+def test_chat_cli_streams_replies(packed):
+    path = packed("tiny-llama-swiglu", "f32")
+    proc = subprocess.run([sys.executable, "-m", "ripple_gguf.cli", "chat", str(path), "-n", "8"],
+                          input="def add(a, b):\n/stats\n/exit\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert '"tokens"' in proc.stderr  # /stats
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_is_openai_compatible_on_loopback(packed):
+    pytest.importorskip("fastapi")
+    path = packed("tiny-llama-swiglu", "f32")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ripple_gguf.cli", "serve", str(path), "--port", str(port),
+                             "--ctx", "256"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(f"server exited: {proc.stderr.read()[-2000:]}")
+                time.sleep(0.2)
+        body = json.dumps({"messages": [{"role": "user", "content": "def "}], "max_tokens": 8,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        reply = json.load(urllib.request.urlopen(req, timeout=60))
+        assert reply["choices"][0]["message"]["role"] == "assistant"
+        stats = json.load(urllib.request.urlopen(url + "/ripple/stats", timeout=10))
+        assert stats["mode"] == "sparse" and stats["tokens"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
