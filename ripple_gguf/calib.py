@@ -6,6 +6,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import RippleError
+from .interrupt import deferred
 
 MIN_CALIB_TOKENS = 256
 
@@ -31,7 +32,8 @@ def self_generated_tokens(model_path: Path, n_tokens: int, n_ctx: int, seed: int
     """Sample text from the model itself (temperature 0.8 from BOS): calibration that needs no data
     at all, for fully offline conversion. Real text from the target domain is better (--calib)."""
     from llama_cpp import Llama
-    llm = Llama(str(model_path), n_ctx=n_ctx, n_threads=None, seed=seed, verbose=False)
+    with deferred():
+        llm = Llama(str(model_path), n_ctx=n_ctx, n_threads=None, seed=seed, verbose=False)
     bos, eos = llm.token_bos(), llm.token_eos()
     out: list[int] = []
     bar = tqdm(total=n_tokens, desc="generating calibration text", unit="tok", leave=False)
@@ -39,8 +41,11 @@ def self_generated_tokens(model_path: Path, n_tokens: int, n_ctx: int, seed: int
     try:
         while len(out) < n_tokens:
             seq = []
-            for tok in llm.generate([bos], temp=0.8, top_k=40, top_p=0.95, reset=True):
-                if tok == eos or len(seq) >= seq_len:
+            gen = llm.generate([bos], temp=0.8, top_k=40, top_p=0.95, reset=True)
+            while len(seq) < seq_len:
+                with deferred():
+                    tok = next(gen, eos)
+                if tok == eos:
                     break
                 seq.append(tok)
             if not seq:  # the model ended at once; try another sample

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .interrupt import install
+    install()
     try:
         result = args.func(args)
     except RippleError as e:

@@ -88,8 +88,10 @@ def _quantize(src: Path, dst: Path, outtype: str) -> None:
     params.ftype = LLAMA_FTYPE[outtype]
     params.nthread = os.cpu_count() or 1
     result = {}
+    # a daemon thread, so Ctrl-C in the main thread can end the process while llama.cpp is busy
     worker = threading.Thread(target=lambda: result.setdefault(
-        "rc", llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))))
+        "rc", llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))),
+        daemon=True)
     expected = int(src.stat().st_size * QUANT_BYTES_PER_F16_BYTE[outtype])
     with tqdm(total=expected, desc=f"quantizing to {outtype}", unit="B", unit_scale=True, leave=False) as bar:
         worker.start()

@@ -16,6 +16,7 @@ import llama_cpp
 from llama_cpp._logger import set_verbose
 
 from .errors import RippleError
+from .interrupt import deferred
 
 # Nodes that can feed ffn_down, by FFN family (src/llama-graph.cpp, build_ffn).
 ZERO_ACTIVATIONS = ("ffn_sqr(relu)", "ffn_relu", "ffn_reglu")       # true zeros: active = != 0
@@ -61,7 +62,8 @@ class LlamaRunner:
         self.path = str(path)
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0
-        self.model = llama_cpp.llama_model_load_from_file(self.path.encode(), mparams)
+        with deferred():
+            self.model = llama_cpp.llama_model_load_from_file(self.path.encode(), mparams)
         if not self.model:
             raise RippleError(f"{path}: llama.cpp could not load this GGUF; is it a complete model file?")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
@@ -84,7 +86,8 @@ class LlamaRunner:
         cparams.no_perf = True
         if wanted:
             cparams.cb_eval = self._cb
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        with deferred():
+            self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise RippleError(f"{path}: llama.cpp could not create a context (out of memory?)")
@@ -147,7 +150,8 @@ class LlamaRunner:
             b.seq_id[i][0] = 0
             b.logits[i] = 1
         self._captured, self._act_names, self._pending = {}, {}, None
-        rc = llama_cpp.llama_decode(self.ctx, b)
+        with deferred():
+            rc = llama_cpp.llama_decode(self.ctx, b)
         if self._pending is not None:
             raise self._pending
         if rc != 0:
