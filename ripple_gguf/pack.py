@@ -238,8 +238,10 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
     layout = read_ffn_layout(greader)
     n_layer = int(kv(r, "ripple.pack.n_layer", -1))
     n_embd = int(kv(r, "ripple.pack.n_embd", -1))
-    n_ff = [int(v) for v in (kv_array(r, "ripple.pack.n_ff") if kv_array(r, "ripple.pack.n_ff") is not None else [])]
-    qtype = QT(int(kv(r, "ripple.pack.weight_type", -1))) if kv(r, "ripple.pack.weight_type", -1) in {int(q) for q in PACK_TYPES} else None
+    n_ff_arr = kv_array(r, "ripple.pack.n_ff")
+    n_ff = [] if n_ff_arr is None else [int(v) for v in n_ff_arr]
+    type_id = kv(r, "ripple.pack.weight_type", -1)
+    qtype = QT(type_id) if type_id in {int(q) for q in PACK_TYPES} else None
     has_gate = bool(kv(r, "ripple.pack.has_gate", False))
     rb, bb = int(kv(r, "ripple.pack.row_bytes", -1)), int(kv(r, "ripple.pack.bundle_bytes", -1))
     if (n_layer != layout.n_layer or n_embd != layout.n_embd or n_ff != layout.n_ff or qtype is None

@@ -66,6 +66,15 @@ def test_inspect_reports_pack_and_predictor_on_unseen_text(converted, model):
     assert "offload pack" in text and "bytes per neuron bundle" in text
 
 
+def copy_converted(src, tmp_path, with_pack=True):
+    """A private copy of a converted GGUF (and its pack) that a test may damage."""
+    g = tmp_path / "m.gguf"
+    shutil.copy(src, g)
+    if with_pack:
+        shutil.copy(pack_path_for(src), pack_path_for(g))
+    return g
+
+
 def test_pack_of_another_gguf_is_refused(converted, tmp_path):
     a = converted("tiny-llama-swiglu", "f16")
     b = converted("tiny-llama-swiglu", "q8_0")
@@ -80,8 +89,7 @@ def test_pack_of_another_gguf_is_refused(converted, tmp_path):
 
 def test_truncated_pack_is_refused(converted, tmp_path):
     src = converted("tiny-arcee-relu2", "f16")
-    g = tmp_path / "m.gguf"
-    shutil.copy(src, g)
+    g = copy_converted(src, tmp_path, with_pack=False)
     data = pack_path_for(src).read_bytes()
     pack_path_for(g).write_bytes(data[: len(data) - 5000])
     with pytest.raises(RippleError, match="truncated.*ripple-gguf pack"):
@@ -89,10 +97,7 @@ def test_truncated_pack_is_refused(converted, tmp_path):
 
 
 def test_other_format_version_is_refused(converted, tmp_path):
-    src = converted("tiny-arcee-relu2", "f16")
-    g = tmp_path / "m.gguf"
-    shutil.copy(src, g)
-    shutil.copy(pack_path_for(src), pack_path_for(g))
+    g = copy_converted(converted("tiny-arcee-relu2", "f16"), tmp_path)
     r = GGUFReader(pack_path_for(g), "r+")
     f = r.get_field("ripple.pack.format_version")
     f.parts[f.data[0]][0] = 99
@@ -103,16 +108,13 @@ def test_other_format_version_is_refused(converted, tmp_path):
 
 
 def test_pack_command_rebuilds_a_bound_pack(converted, tmp_path):
-    src = converted("tiny-arcee-relu2", "q8_0")
-    g = tmp_path / "m.gguf"
-    shutil.copy(src, g)
+    g = copy_converted(converted("tiny-arcee-relu2", "q8_0"), tmp_path, with_pack=False)
     proc = run_cli("pack", g, "--calib", CALIB, "--calib-tokens", 4096, "--json", check=True)
     summary = json.loads(proc.stdout)
     assert summary["pack"] == str(pack_path_for(g))
     pk = open_pack(g)
     assert pk.train_tokens > 3000 and len(pk.predictors) == pk.n_layer
-    assert [p.name for p in tmp_path.iterdir()] == sorted(["m.gguf", "m.ripple"]) or set(
-        p.name for p in tmp_path.iterdir()) == {"m.gguf", "m.ripple"}
+    assert {p.name for p in tmp_path.iterdir()} == {"m.gguf", "m.ripple"}  # no temp files left
 
 
 def test_pack_on_plain_gguf_is_a_clear_error(tmp_path):
