@@ -22,13 +22,16 @@ from .predictor import choose_rank, evaluate, train_layer, tune_threshold
 from .profile import capture_layers, chunk_tokens
 
 
+RECALL_MARGIN = 0.02
+
+
 @dataclass
 class PackOptions:
     calib: list[str] = field(default_factory=list)
     calib_tokens: int = 16384     # tokens recorded: 80% train, 10% threshold tuning, 10% eval
     target_recall: float = 0.95   # share of the active mass the predicted sets must cover
     rank: int | None = None       # predictor width; default: largest within 5% of the FFN bytes
-    steps: int = 400
+    steps: int = 1500
     n_ctx: int = 512
     seed: int = 0
 
@@ -68,7 +71,9 @@ def build_pack(gguf_path: str | Path, opts: PackOptions, tokens: list[int] | Non
             x, h, thr = xs[il][:n], hs[il][:n], float(index.thresholds[il])
             rank = opts.rank or choose_rank(layout.n_embd, layout.n_ff[il], ffn_bytes[il])
             p = train_layer(x[:n_train], h[:n_train], thr, rank, steps=opts.steps, seed=opts.seed + il)
-            p.threshold = tune_threshold(p, x[n_train:n_tune], h[n_train:n_tune], thr, opts.target_recall)
+            # tuned with a margin: on unseen text recall came out 1-2 points below the tuning split
+            p.threshold = tune_threshold(p, x[n_train:n_tune], h[n_train:n_tune], thr,
+                                         min(0.995, opts.target_recall + RECALL_MARGIN))
             for k, v in evaluate(p, x[n_tune:], h[n_tune:], thr).items():
                 stats[k].append(v)
             predictors.append(p)
