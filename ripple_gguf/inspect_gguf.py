@@ -140,8 +140,12 @@ def format_report(info: dict) -> str:
                 [(pk["on_text"]["text"], pk["on_text"])] if "on_text" in pk else []):
             lines.append(f"    predictor per layer on {name} ({ev['tokens']} tokens): mass recall / recall / precision / predicted vs true density")
             for il in range(len(ev["recall"])):
-                ok = ev["mass_recall"][il] >= pk["target_recall"] - 0.005 and ev["pred_density"][il] <= 2 * ev["true_density"][il]
+                misses = []
+                if ev["mass_recall"][il] < pk["target_recall"] - 0.005:
+                    misses.append(f"recall below {pk['target_recall']:.2f}")
+                if ev["pred_density"][il] > 2 * ev["true_density"][il]:
+                    misses.append(f"predicts {ev['pred_density'][il] / max(ev['true_density'][il], 1e-9):.1f}x the true density (target <= 2x)")
                 lines.append(f"      layer {il:2d}: {ev['mass_recall'][il]:.3f} / {ev['recall'][il]:.3f} / {ev['precision'][il]:.3f} / "
                              f"{ev['pred_density'][il]:.3f} vs {ev['true_density'][il]:.3f}"
-                             + ("" if ok else "   <- misses the recall target or predicts > 2x the true density"))
+                             + (f"   <- misses the target: {'; '.join(misses)}" if misses else ""))
     return "\n".join(lines)
