@@ -75,6 +75,8 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("--bw-mbps", type=float, default=None, help="cost model: bandwidth in MB/s (default: probed)")
     p.add_argument("--merge-gap", type=int, default=None, metavar="BYTES",
                    help="merge gaps up to this many bytes into one read (default: t0 x bandwidth)")
+    p.add_argument("--threshold-offset", type=float, default=0.0, metavar="LOGIT",
+                   help="added to the pack's predictor thresholds: < 0 computes more neurons (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     if generation:
@@ -85,7 +87,8 @@ def _ripple_kwargs(args) -> dict:
     return dict(pack_path=args.pack, memory_budget=args.memory_budget, cache_ratio=args.cache_ratio,
                 dense=args.dense, dense_fallback=args.allow_dense_fallback, all_active=args.all_active,
                 io_threads=args.io_threads, direct_io=args.direct_io, pin_percent=args.pin_percent,
-                t0_us=args.t0_us, bw_mbps=args.bw_mbps, merge_gap_bytes=args.merge_gap)
+                t0_us=args.t0_us, bw_mbps=args.bw_mbps, merge_gap_bytes=args.merge_gap,
+                threshold_offset=args.threshold_offset)
 
 
 def _n_ctx(args, default: int = 2048) -> int:
