@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 PRED_BUDGET = 0.05  # predictor bytes at most ~5% of the FFN bytes it guards
 
@@ -51,6 +50,8 @@ def choose_rank(n_embd: int, n_ff: int, ffn_bytes: int, lo: int = 32, hi: int = 
 def train_layer(x: np.ndarray, h: np.ndarray, act_threshold: float, rank: int, steps: int = 1500,
                 batch: int = 256, lr: float = 3e-3, seed: int = 0) -> LayerPredictor:
     """x: (T, n_embd) FFN inputs, h: (T, n_ff) intermediates (stored order) of training tokens."""
+    import torch  # only training needs torch; the runtime imports this module for LayerPredictor
+
     # small layers: one thread; OpenMP spin-waiting on a busy 2-core machine made 2 threads 15x slower
     torch.set_num_threads(1 if x.shape[1] * h.shape[1] < 2**22 else max(1, os.cpu_count() or 1))
     g = torch.Generator().manual_seed(seed)
