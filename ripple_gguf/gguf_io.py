@@ -102,6 +102,17 @@ def read_ffn_layout(reader: GGUFReader) -> FfnLayout:
                      tensors["blk.0.ffn_up.weight"].tensor_type.name)
 
 
+def ffn_weight_bytes(reader: GGUFReader, n_layer: int) -> list[int]:
+    """Bytes of each layer's ffn_gate/ffn_up/ffn_down weights: what the pack duplicates, the
+    predictor budget is measured against and the runtime keeps off RAM."""
+    out = [0] * n_layer
+    for t in reader.tensors:
+        m = _FFN_RE.match(t.name)
+        if m and m.group(3) == "weight" and int(m.group(1)) < n_layer:
+            out[int(m.group(1))] += int(t.n_bytes)
+    return out
+
+
 def permute_ffn(name: str, data: np.ndarray, perms: list[np.ndarray]) -> np.ndarray:
     """Apply the layer's neuron order to one tensor if it is an FFN tensor; else return it unchanged."""
     m = _FFN_RE.match(name)

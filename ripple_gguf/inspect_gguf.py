@@ -9,7 +9,7 @@ import numpy as np
 
 from .calib import read_text_files
 from .errors import RippleError
-from .gguf_io import kv, open_gguf, read_ffn_layout
+from .gguf_io import ffn_weight_bytes, kv, open_gguf, read_ffn_layout
 from .index_keys import read_index
 from .placement import reads_by_method
 from .profile import capture_layers, chunk_tokens, profile
@@ -50,7 +50,7 @@ def pack_info(path: Path, reader) -> dict | None:
         pk = open_pack(path, pp, gguf_reader=reader)
     except RippleError as e:
         return {"file": str(pp), "status": f"unusable: {e}", "obj": None}
-    ffn_bytes = sum(int(t.n_bytes) for t in reader.tensors if ".ffn_" in t.name)
+    ffn_bytes = sum(ffn_weight_bytes(reader, pk.n_layer))
     return {"file": str(pp), "status": "bound to this GGUF", "obj": pk, "bytes": pk.file_bytes,
             "overhead_vs_gguf": pk.file_bytes / path.stat().st_size, "bundle_bytes": pk.bundle_bytes,
             "weight_type": pk.weight_type.name, "predictor_bytes": pk.predictor_bytes,

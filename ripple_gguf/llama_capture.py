@@ -9,6 +9,7 @@ nodes: `ffn_norm-N` (what the FFN sees) and the FFN intermediate that feeds ffn_
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,6 @@ class LlamaRunner:
         self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)  # keep a reference
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
-        import os
         threads = n_threads or max(1, os.cpu_count() or 1)
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.no_perf = True

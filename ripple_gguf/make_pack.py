@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .calib import MIN_CALIB_TOKENS, read_text_files, self_generated_tokens
 from .errors import RippleError
-from .gguf_io import open_gguf, read_ffn_layout
+from .gguf_io import ffn_weight_bytes, open_gguf, read_ffn_layout
 from .index_keys import read_index
 from .llama_capture import LlamaRunner
 from .pack import pack_path_for, pack_weight_type, write_pack
@@ -48,8 +48,7 @@ def build_pack(gguf_path: str | Path, opts: PackOptions, tokens: list[int] | Non
     if index is None:
         raise RippleError(f"{gguf_path} has no ripple index; convert the model with `ripple-gguf convert` first")
     pack_weight_type(reader)  # refuse unsupported weight types before any work
-    ffn_bytes = [sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith(f"blk.{il}.ffn_"))
-                 for il in range(layout.n_layer)]
+    ffn_bytes = ffn_weight_bytes(reader, layout.n_layer)
     del reader
     out = Path(out) if out else pack_path_for(gguf_path)
     t0 = time.time()

@@ -48,9 +48,9 @@ def peak_rss() -> int:
 def gguf_ffn_split(path: str) -> tuple[int, int]:
     """(FFN weight bytes, everything else in the file) of a GGUF."""
     from gguf import GGUFReader
-    import re
+    from .gguf_io import ffn_weight_bytes, read_ffn_layout
     r = GGUFReader(path)
-    ffn = sum(int(t.n_bytes) for t in r.tensors if re.match(r"^blk\.\d+\.ffn_(gate|up|down)\.weight$", t.name))
+    ffn = sum(ffn_weight_bytes(r, read_ffn_layout(r).n_layer))
     return ffn, os.path.getsize(path) - ffn
 
 
