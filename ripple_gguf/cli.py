@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_inspect)
     from .run_cli import register; register(sub)
+    from . import bench_cli; bench_cli.register(sub)
     return p
 
 

@@ -93,8 +93,8 @@ def encode_docs(sp, docs):
     return torch.from_numpy(np.concatenate([[sp.bos_id()] + x for x in ids]).astype(np.int64))
 
 
-def get_batch(tokens, gen):
-    ix = torch.randint(len(tokens) - SEQ_LEN - 1, (BATCH,), generator=gen)
+def get_batch(tokens, gen, batch=BATCH):
+    ix = torch.randint(len(tokens) - SEQ_LEN - 1, (batch,), generator=gen)
     x = torch.stack([tokens[i:i + SEQ_LEN + 1] for i in ix.tolist()])
     return x[:, :-1], x[:, 1:]
 
@@ -109,10 +109,10 @@ def lr_at(step, steps):
     return LR * (MIN_LR_FRAC + (1 - MIN_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(name, spec, tokens, steps):
+def train(name, spec, tokens, steps, batch=BATCH, common=COMMON):
     torch.manual_seed(SEED)
     cfg_cls, model_cls = spec["cls"]
-    config = cfg_cls(**COMMON, **spec["config"], attn_implementation="sdpa")
+    config = cfg_cls(**common, **spec["config"], attn_implementation="sdpa")
     model = model_cls(config)
     n_params = sum(p.numel() for p in model.parameters())
     # nanoGPT-style: decay matrices (incl. embeddings), not norm gains
@@ -127,7 +127,7 @@ def train(name, spec, tokens, steps):
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps)
-        x, y = get_batch(tokens, gen)
+        x, y = get_batch(tokens, gen, batch)
         loss = F.cross_entropy(model(input_ids=x, use_cache=False).logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,153 @@
+"""`ripple-gguf bench probe | io | e2e | report`: argument parsing and terminal output only."""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import RippleError
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise RippleError(f"--budgets {text!r}: write fractions of the model size like 1,0.5,0.25") from None
+    if not vals or any(not 0 < v <= 4 for v in vals):
+        raise RippleError(f"--budgets {text!r}: each fraction must be in (0, 4], e.g. 1,0.5,0.25")
+    return vals
+
+
+def _check_inputs(args) -> None:
+    if not os.path.isfile(args.gguf):
+        raise RippleError(f"{args.gguf}: no such file; pass a GGUF made by `ripple-gguf convert`")
+    if not os.path.isfile(args.text):
+        raise RippleError(f"{args.text}: no such file; pass held-out text with --text")
+
+
+def format_probe(r: dict) -> str:
+    lines = [f"bench probe: {r['file_bytes'] >> 20} MiB scratch file, {'O_DIRECT' if r['direct_io'] else 'buffered, cache dropped'}",
+             f"{'QD':>3} {'request':>8} {'MB/s':>7} {'us/req':>8} {'p50 us':>8} {'p99 us':>8}"]
+    for p in r["points"]:
+        lines.append(f"{p['qd']:3d} {p['size'] >> 10:6d} K {p['mb_s']:7.0f} {p['per_request_us']:8.1f} "
+                     f"{p['lat_p50_us']:8.1f} {p['lat_p99_us']:8.1f}")
+    lines.append("cost model t = t0 + bytes/BW (merge gaps below t0 x BW):")
+    for q, f in r["fit"].items():
+        lines.append(f"  QD {q:>2}: t0 {f['t0_us']:7.1f} us, BW {f['bw_mbps']:6.0f} MB/s, merge gaps < {f['merge_gap_bytes']} B")
+    u = r["ufs40"]
+    lines.append(f"  {u['name']}: t0 {u['t0_us']:.1f} us, BW {u['bw_mbps']:.0f} MB/s, merge gaps < {u['merge_gap_bytes']} B")
+    return "\n".join(lines)
+
+
+def cmd_probe(args) -> dict:
+    from . import iocost
+    from .runtime import parse_size
+    if args.file:
+        if not os.path.isfile(args.file):
+            raise RippleError(f"{args.file}: no such file; pass an existing file to probe, or --dir")
+        result = iocost.probe(args.file, direct=not args.no_direct, progress=not args.json)
+    else:
+        d = args.dir or "."
+        if not os.path.isdir(d):
+            raise RippleError(f"{d}: no such directory; pass --dir on the filesystem to probe")
+        path = iocost.make_probe_file(d, parse_size(args.size))
+        try:
+            result = iocost.probe(path, direct=not args.no_direct, progress=not args.json)
+        finally:
+            os.unlink(path)
+    if not args.json:
+        print(format_probe(result))
+    return result
+
+
+def cmd_io(args) -> dict:
+    from .bench_io import format_io, run_io
+    _check_inputs(args)
+    result = run_io(args.gguf, args.text, max_tokens=args.tokens, time_tokens=args.time_tokens,
+                    io_threads=args.io_threads, direct=not args.no_direct, progress=not args.json)
+    if not args.json:
+        print(format_io(result))
+    return result
+
+
+def cmd_e2e(args) -> dict:
+    _check_inputs(args)
+    fractions = _fractions(args.budgets)
+    from .bench_e2e import format_e2e, run_e2e
+    result = run_e2e(args.gguf, args.text, fractions=fractions, gen_tokens=args.gen_tokens,
+                     prompt_tokens=args.prompt_tokens, ctx=args.ctx, ppl_chunks=args.ppl_chunks,
+                     timeout_s=args.timeout, progress=not args.json)
+    if not args.json:
+        print(format_e2e(result))
+    return result
+
+
+def cmd_report(args) -> dict:
+    from .bench_report import write_report
+    for g in args.gguf:
+        if not os.path.isfile(g):
+            raise RippleError(f"{g}: no such file; pass GGUFs made by `ripple-gguf convert` (tools/bench.sh builds them)")
+    if not os.path.isfile(args.text):
+        raise RippleError(f"{args.text}: no such file; pass held-out text with --text")
+    e2e_kw = dict(fractions=_fractions(args.budgets), gen_tokens=args.gen_tokens, prompt_tokens=args.prompt_tokens,
+                  ctx=args.ctx, ppl_chunks=args.ppl_chunks, timeout_s=args.timeout)
+    command = "ripple-gguf bench report " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if len(sys.argv) > 2 \
+        else "ripple-gguf bench report"
+    result = write_report(args.gguf, args.text, Path(args.out), command=command, io_tokens=args.tokens,
+                          time_tokens=args.time_tokens, e2e_kw=e2e_kw, skip_e2e=args.no_e2e,
+                          io_threads=args.io_threads, progress=not args.json)
+    if not args.json:
+        print(f"wrote {args.out}")
+    return result
+
+
+def register(sub) -> None:
+    b = sub.add_parser("bench", help="cold-flash benchmarks: probe the device, replay I/O, end to end, report")
+    bs = b.add_subparsers(dest="bench_command", required=True)
+
+    p = bs.add_parser("probe", help="read latency/bandwidth vs request size and queue depth; fit the cost model")
+    p.add_argument("--dir", default=None, help="directory on the filesystem to probe (default: current)")
+    p.add_argument("--file", default=None, help="probe this existing file instead of a scratch file")
+    p.add_argument("--size", default="256MiB", help="scratch file size (default 256MiB)")
+    p.add_argument("--no-direct", action="store_true", help="buffered reads (cache dropped) instead of O_DIRECT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_probe)
+
+    def io_args(q):
+        q.add_argument("--tokens", type=int, default=1024, help="held-out tokens whose reads are counted (default 1024)")
+        q.add_argument("--time-tokens", type=int, default=64, help="of those, tokens read for real, cold (default 64)")
+        q.add_argument("--io-threads", type=int, default=4, help="parallel readers, as the runtime (default 4)")
+
+    def e2e_args(q):
+        q.add_argument("--budgets", default="1,0.5,0.25", help="memory budgets as fractions of the GGUF size")
+        q.add_argument("--gen-tokens", type=int, default=64, help="greedy tokens decoded per run (default 64)")
+        q.add_argument("--prompt-tokens", type=int, default=64, help="prompt tokens (default 64)")
+        q.add_argument("--ctx", type=int, default=512, help="context, also the perplexity chunk (default 512)")
+        q.add_argument("--ppl-chunks", type=int, default=8, help="perplexity chunks per mode (default 8; 0: skip)")
+        q.add_argument("--timeout", type=float, default=600, help="seconds per run before it is cut short")
+
+    i = bs.add_parser("io", help="replay held-out activation sets against each placement, cold")
+    i.add_argument("gguf")
+    i.add_argument("--text", required=True, metavar="FILE", help="held-out text (not the calibration text)")
+    io_args(i)
+    i.add_argument("--no-direct", action="store_true", help="buffered reads (cache dropped) instead of O_DIRECT")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_io)
+
+    e = bs.add_parser("e2e", help="stock llama.cpp vs the sparse runtime in memory-limited cgroups")
+    e.add_argument("gguf")
+    e.add_argument("--text", required=True, metavar="FILE")
+    e2e_args(e)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_e2e)
+
+    r = bs.add_parser("report", help="run probe, io and e2e on the models and write docs/BENCHMARKS.md")
+    r.add_argument("gguf", nargs="+", help="converted GGUFs (each with its pack)")
+    r.add_argument("--text", required=True, metavar="FILE")
+    r.add_argument("--out", default="docs/BENCHMARKS.md")
+    r.add_argument("--no-e2e", action="store_true", help="skip the end-to-end runs")
+    io_args(r)
+    e2e_args(r)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_report)
