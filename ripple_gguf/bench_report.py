@@ -148,14 +148,15 @@ def _io_table(io: dict) -> list[str]:
 
 def _e2e_table(e2e: dict) -> list[str]:
     ppl = e2e.get("perplexity", {})
-    lines = ["| memory budget | mode | cgroup limit MiB | TTFT s | decode tok/s | ripple / stock | peak cgroup MiB | peak RSS MiB | perplexity |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| memory budget | mode | cgroup limit MiB | neuron cache MiB | TTFT s | decode tok/s | ripple / stock | peak cgroup MiB | peak RSS MiB | perplexity |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(e2e["runs"], key=lambda r: (-r["fraction"], r["mode"] != "stock")):
         lim = f"{r['limit_bytes'] / 2**20:.1f}" if r.get("limit_bytes") else "unlimited"
         ratio = e2e.get("speedup", {}).get(f"{r['fraction']:g}") if r["mode"] == "ripple" else None
         p = (ppl.get(r["mode"]) or {}).get("ppl")
         err = f" ({r['error']})" if r.get("error") else (" (timed out)" if r.get("timed_out") else "")
-        lines.append(f"| {100 * r['fraction']:.0f}% | {r['mode']}{err} | {lim} | {r.get('ttft_s') or 0:.3f} | "
+        cache = f"{r['cache_budget_bytes'] / 2**20:.1f}" if r.get("cache_budget_bytes") else ""
+        lines.append(f"| {100 * r['fraction']:.0f}% | {r['mode']}{err} | {lim} | {cache} | {r.get('ttft_s') or 0:.3f} | "
                      f"{r.get('decode_tok_s') or 0:.1f} | {f'{ratio:.2f}x' if ratio else ''} | "
                      f"{(r.get('cgroup_peak_bytes') or 0) / 2**20:.1f} | {(r.get('peak_rss_bytes') or 0) / 2**20:.1f} | "
                      f"{f'{p:.3f}' if p else ''} |")
@@ -212,8 +213,11 @@ def render(result: dict, doc_dir: Path) -> str:
             s = e2e["settings"]
             L += ["### End to end in a memory cgroup (`ripple-gguf bench e2e`)", "",
                   f"Cgroup: {e2e['cgroup'].get('version') or 'none'} — {e2e['cgroup'].get('note', '')}. "
-                  f"Limit = budget x GGUF size ({e2e['model']['gguf_bytes'] / 2**20:.1f} MiB) + measured process overhead "
-                  f"({e2e['overhead_bytes'] / 2**20:.1f} MiB: stock's peak anonymous memory + slack). Cold page cache "
+                  f"Limit = budget x GGUF size ({e2e['model']['gguf_bytes'] / 2**20:.1f} MiB), the room for weights, + that "
+                  f"mode's own non-weight memory measured unconfined (stock {e2e['overheads']['stock'] / 2**20:.1f} MiB, "
+                  f"ripple {e2e['overheads']['ripple'] / 2**20:.1f} MiB, each incl. {e2e['settings']['slack_bytes'] / 2**20:.0f} MiB slack). "
+                  f"Ripple's weights are the mmap'd non-FFN tensors ({e2e['model']['non_ffn_bytes'] / 2**20:.1f} MiB), the "
+                  f"predictors ({e2e['model']['predictor_bytes'] / 2**20:.1f} MiB) and the neuron cache (the rest). Cold page cache "
                   f"before each run. {s.get('prompt_tokens')} prompt tokens, {s.get('gen_tokens')} greedy decode tokens; "
                   f"perplexity over {s.get('ppl_chunks')} chunks of {s.get('ctx')} tokens.", "",
                   f"![tokens/s vs memory]({m['plot_e2e']})", "", *_e2e_table(e2e), ""]
