@@ -77,7 +77,7 @@ def cmd_e2e(args) -> dict:
     from .bench_e2e import format_e2e, run_e2e
     result = run_e2e(args.gguf, args.text, fractions=fractions, gen_tokens=args.gen_tokens,
                      prompt_tokens=args.prompt_tokens, ctx=args.ctx, ppl_chunks=args.ppl_chunks,
-                     timeout_s=args.timeout, threads=args.threads, progress=not args.json)
+                     timeout_s=args.timeout, threads=args.threads, direct_io=not args.buffered_io, progress=not args.json)
     if not args.json:
         print(format_e2e(result))
     return result
@@ -91,7 +91,8 @@ def cmd_report(args) -> dict:
     if not os.path.isfile(args.text):
         raise RippleError(f"{args.text}: no such file; pass held-out text with --text")
     e2e_kw = dict(fractions=_fractions(args.budgets), gen_tokens=args.gen_tokens, prompt_tokens=args.prompt_tokens,
-                  ctx=args.ctx, ppl_chunks=args.ppl_chunks, timeout_s=args.timeout, threads=args.threads)
+                  ctx=args.ctx, ppl_chunks=args.ppl_chunks, timeout_s=args.timeout, threads=args.threads,
+                  direct_io=not args.buffered_io)
     command = "ripple-gguf bench report " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if len(sys.argv) > 2 \
         else "ripple-gguf bench report"
     result = write_report(args.gguf, args.text, Path(args.out), command=command, io_tokens=args.tokens,
@@ -127,6 +128,8 @@ def register(sub) -> None:
         q.add_argument("--ppl-chunks", type=int, default=8, help="perplexity chunks per mode (default 8; 0: skip)")
         q.add_argument("--timeout", type=float, default=600, help="seconds per run before it is cut short")
         q.add_argument("--threads", type=int, default=None, help="compute threads of both modes (default: llama-cpp-python's)")
+        q.add_argument("--buffered-io", action="store_true",
+                       help="the sparse runtime reads the pack through the page cache (default: O_DIRECT)")
 
     i = bs.add_parser("io", help="replay held-out activation sets against each placement, cold")
     i.add_argument("gguf")

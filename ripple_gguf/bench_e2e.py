@@ -1,10 +1,12 @@
 """`ripple-gguf bench e2e`: stock llama-cpp-python vs the sparse runtime on one GGUF, end to end.
 
 Each measurement is a fresh subprocess (cold page cache for the GGUF and the pack, nothing shared
-with earlier runs) confined to a memory cgroup whose limit is a share of the model size (the memory
-left for weights) plus that mode's own non-weight memory (interpreter, libraries, KV cache, compute
-buffers; measured in an unconfined run first), so both modes get the same room for weights. For
-ripple the weights are the mmap'd non-FFN tensors, the predictors and the neuron cache. Reported per run:
+with earlier runs) confined to a memory cgroup: one emulated device RAM for both modes, the budget
+(a share of the model size) plus stock's non-weight memory (interpreter, libraries, KV cache,
+compute buffers; measured in an unconfined run first). Ripple must fit its own non-weight memory
+in the same limit, so its neuron cache is what is left after that, the mmap'd non-FFN weights and
+the predictors. The sparse runtime reads the pack with O_DIRECT by default (no second copy of
+what it caches in the page cache, which the cgroup would charge). Reported per run:
 time to first token, decode tokens/s and peak memory; per mode: perplexity on the same text.
 """
 from __future__ import annotations
@@ -31,6 +33,26 @@ def _anon() -> int:
     return _status_kb("RssAnon") * 1024
 
 
+class _AnonPeak:
+    """Peak anonymous memory, sampled every 5 ms in a thread: the kernel keeps a peak only for RSS
+    as a whole (VmHWM), which also counts the mmap'd weights, and load-time transients are short."""
+
+    def __init__(self):
+        import threading
+        self.peak, self._stop = _anon(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _anon())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _anon())
+
+
 def _load(a: dict, n_ctx: int, **kw):
     """Stock `llama_cpp.Llama` with default settings, or `RippleLlama` with the given cache budget."""
     import llama_cpp
@@ -40,7 +62,8 @@ def _load(a: dict, n_ctx: int, **kw):
         kw.update(n_threads=a["threads"], n_threads_batch=a["threads"])
     if a["mode"] == "stock":
         return llama_cpp.Llama(a["gguf"], **kw)
-    return RippleLlama(a["gguf"], memory_budget=a["cache_budget"], t0_us=a.get("t0_us"), bw_mbps=a.get("bw_mbps"), **kw)
+    return RippleLlama(a["gguf"], memory_budget=a["cache_budget"], t0_us=a.get("t0_us"), bw_mbps=a.get("bw_mbps"),
+                       direct_io=bool(a.get("direct_io")), **kw)
 
 
 def _measure(a: dict, text: str) -> dict:
@@ -48,10 +71,10 @@ def _measure(a: dict, text: str) -> dict:
     import numpy as np
     from .run_cli import _phase, peak_rss, reset_peak_rss
     reset_peak_rss()
+    anon = _AnonPeak()
     start = time.perf_counter()
     llm = _load(a, a["n_ctx"])
     load_s = time.perf_counter() - start
-    anon = [_anon()]
     n_vocab = llm.n_vocab()
 
     def greedy() -> int:  # without logits_all, llama-cpp-python keeps no logits: read the context's
@@ -62,7 +85,6 @@ def _measure(a: dict, text: str) -> dict:
     llm.eval(prompt)
     ids = [greedy()]
     ttft = time.perf_counter() - t0
-    anon.append(_anon())
     s0, t1, timed_out = stats(), time.perf_counter(), False
     for _ in range(a["gen_tokens"]):
         if time.perf_counter() - start > a["timeout_s"]:
@@ -72,11 +94,10 @@ def _measure(a: dict, text: str) -> dict:
         ids.append(greedy())
     decode_s = time.perf_counter() - t1
     s1 = stats()
-    anon.append(_anon())
     n = len(ids) - 1
     out = {"load_s": round(load_s, 4), "ttft_s": round(ttft, 5), "prompt_tokens": len(prompt), "decode_tokens": n,
            "decode_s": round(decode_s, 5), "decode_tok_s": round(n / decode_s, 3) if n and decode_s > 0 else None,
-           "timed_out": timed_out, "tokens": ids, "peak_rss_bytes": peak_rss(), "peak_anon_bytes": max(anon)}
+           "timed_out": timed_out, "tokens": ids, "peak_rss_bytes": peak_rss(), "peak_anon_bytes": anon.stop()}
     if s1.get("mode") == "sparse":
         out["decode_stats"] = _phase(s1, s0, n, decode_s)
         out.update({k: s1[k] for k in ("cache_bytes", "overhead_bytes", "t0_us", "bw_mbps")})
@@ -193,7 +214,7 @@ def _worker(args: dict, limit: int | None, timeout: float) -> dict:
 
 
 def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_tokens=64, ctx=512, ppl_chunks=4,
-            timeout_s=300, t0_us=None, bw_mbps=None, threads=None, progress=True) -> dict:
+            timeout_s=300, t0_us=None, bw_mbps=None, threads=None, direct_io=True, progress=True) -> dict:
     """Stock vs ripple at each memory budget (a share of the GGUF size); see the module docstring."""
     from tqdm import tqdm
     if gen_tokens < 1 or prompt_tokens < 1 or ctx < 8 or not fractions or min(fractions) <= 0:
@@ -209,7 +230,7 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_t
     n_ctx = max(ctx, prompt_tokens + gen_tokens + 1)
     base = {"gguf": info["gguf"], "text": os.path.abspath(text_path), "prompt_tokens": prompt_tokens,
             "gen_tokens": gen_tokens, "n_ctx": n_ctx, "ctx": ctx, "timeout_s": timeout_s, "threads": threads,
-            "t0_us": t0_us, "bw_mbps": bw_mbps}
+            "t0_us": t0_us, "bw_mbps": bw_mbps, "direct_io": direct_io}
     hard = timeout_s * 2 + 120  # the worker stops decoding at timeout_s; this kills a hung load or prompt
     bar = tqdm(total=2 + 2 * len(fractions), unit="run", file=sys.stderr, disable=not progress, leave=False)
     try:
@@ -225,19 +246,20 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_t
         for name, ref in (("stock llama-cpp-python", ref_stock), ("the ripple runtime", ref_ripple)):
             if ref["error"]:
                 raise RippleError(f"{name} could not run {gguf}: {ref['error']}")
+        # ripple's cache and predictors are weights (inside the budget); its staging buffers are not
         overheads = {"stock": ref_stock["peak_anon_bytes"] + SLACK,
                      "ripple": max(ref_ripple["peak_anon_bytes"] - ref_ripple["cache_bytes"]
-                                   - ref_ripple["overhead_bytes"], 0) + SLACK}
+                                   - info["predictor_bytes"], 0) + SLACK}
         runs = []
         for frac in fractions:
             budget = int(frac * info["gguf_bytes"])
             for mode in MODES:
-                limit = budget + overheads[mode] if cgroup["version"] else None
+                limit = budget + overheads["stock"] if cgroup["version"] else None
                 bar.set_description(f"{mode} {frac:.0%}")
                 args = {**base, "mode": mode}
                 extra = {}
                 if mode == "ripple":
-                    cache, floored = cache_budget(budget, info)
+                    cache, floored = cache_budget(budget + overheads["stock"] - overheads["ripple"], info)
                     args.update(pack=info["pack"], cache_budget=cache)
                     extra = {"cache_budget_bytes": cache, "cache_floor_applied": floored}
                 rec = _worker(args, limit, hard)
@@ -255,7 +277,8 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_t
     return {"model": info, "cgroup": cgroup, "overhead_bytes": overheads["stock"], "overheads": overheads,
             "settings": {"fractions": list(fractions), "gen_tokens": gen_tokens, "prompt_tokens": prompt_tokens,
                          "ctx": ctx, "n_ctx": n_ctx, "ppl_chunks": ppl_chunks, "timeout_s": timeout_s,
-                         "t0_us": t0_us, "bw_mbps": bw_mbps, "threads": threads, "slack_bytes": SLACK},
+                         "t0_us": t0_us, "bw_mbps": bw_mbps, "threads": threads, "direct_io": direct_io,
+                         "slack_bytes": SLACK},
             "unconfined": {"stock": {"mode": "stock", "fraction": None, **ref_stock},
                            "ripple": {"mode": "ripple", "fraction": None, "cache_budget_bytes": info["min_cache_bytes"],
                                       **ref_ripple}},
@@ -275,9 +298,9 @@ def format_e2e(res: dict) -> str:
     m = res["model"]
     lines = [f"{os.path.basename(m['gguf'])}: {_mib(m['gguf_bytes'])} MiB (FFN {_mib(m['ffn_bytes'])}, other "
              f"{_mib(m['non_ffn_bytes'])}), pack {_mib(m['pack_bytes'])} MiB, predictors {_mib(m['predictor_bytes'])} MiB",
-             f"memory limit = budget + the mode's non-weight memory (peak anonymous memory unconfined, less "
-             f"ripple's cache and predictors, + {_mib(SLACK)} MiB): stock {_mib(res['overheads']['stock'])} MiB, "
-             f"ripple {_mib(res['overheads']['ripple'])} MiB; {res['cgroup']['note']}",
+             f"memory limit (both modes) = budget + stock's non-weight memory ({_mib(res['overheads']['stock'])} MiB: "
+             f"peak anonymous memory unconfined + {_mib(SLACK)} MiB); ripple's non-weight memory is "
+             f"{_mib(res['overheads']['ripple'])} MiB, its cache gets the rest; {res['cgroup']['note']}",
              "peak = the cgroup's peak charge (anonymous + page cache); unconfined rows: peak RSS",
              f"{'mode':<7}" + "".join(f"{c:>{w}}" for c, w in zip(HEAD, WIDTHS)) + "  note"]
     ppl = {k: (v or {}).get("ppl") for k, v in res["perplexity"].items()}

@@ -19,6 +19,7 @@ import gguf
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from .errors import RippleError
+from .gguf_header import GGUFHeader, HeaderError
 
 FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 _FFN_RE = re.compile(r"^blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(weight|bias)$")
@@ -40,6 +41,17 @@ class FfnLayout:
         return ("ffn_gate", "ffn_up", "ffn_down") if self.has_gate else ("ffn_up", "ffn_down")
 
 
+def open_header(path: str | os.PathLike) -> GGUFHeader:
+    """Metadata and tensor infos only, read without readahead (the load path: see gguf_header)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RippleError(f"{path}: no such file; pass the path of a .gguf file")
+    try:
+        return GGUFHeader(path)
+    except (HeaderError, OSError, UnicodeDecodeError) as e:
+        raise RippleError(f"{path}: not a readable GGUF file ({e}); reconvert it with `ripple-gguf convert`") from None
+
+
 def open_gguf(path: str | os.PathLike) -> GGUFReader:
     path = Path(path)
     if not path.is_file():
@@ -50,16 +62,23 @@ def open_gguf(path: str | os.PathLike) -> GGUFReader:
         raise RippleError(f"{path}: not a readable GGUF file ({e}); reconvert it with `ripple-gguf convert`") from None
 
 
-def kv(reader: GGUFReader, key: str, default=None):
-    """Scalar or string value of a KV field (arrays: use kv_array)."""
+def kv(reader, key: str, default=None):
+    """Scalar or string value of a KV field (arrays: use kv_array); reader: GGUFReader or GGUFHeader."""
+    if isinstance(reader, GGUFHeader):
+        return reader.get(key, default)
     field = reader.get_field(key)
     if field is None:
         return default
     return field.contents()
 
 
-def kv_array(reader: GGUFReader, key: str) -> np.ndarray | None:
+def kv_array(reader, key: str) -> np.ndarray | None:
     """Numeric array field as one numpy array, without a Python loop over elements."""
+    if isinstance(reader, GGUFHeader):
+        try:
+            return reader.array(key)
+        except HeaderError as e:
+            raise RippleError(str(e)) from None
     field = reader.get_field(key)
     if field is None:
         return None

@@ -17,6 +17,7 @@ import gguf
 from gguf import GGMLQuantizationType as QT, GGUFReader, GGUFWriter
 
 from .errors import RippleError
+from .gguf_header import GGUFHeader, HeaderError
 from .gguf_io import FfnLayout, add_ripple_kv, kv, kv_array, read_ffn_layout
 from .predictor import LayerPredictor
 
@@ -45,15 +46,18 @@ def gguf_binding(reader: GGUFReader) -> str:
         h.update(f"{t.name}|{int(t.tensor_type)}|{tuple(int(s) for s in t.shape)}|{int(t.data_offset)}|{int(t.n_bytes)}\n".encode())
         if ".ffn_" in t.name:
             ffn.append(t)
+    header = isinstance(reader, GGUFHeader)
     for field in reader.fields.values():
         if field.name.startswith("ripple."):
-            for part in field.parts:
-                h.update(np.ascontiguousarray(part).tobytes())
-    raw = reader.data  # uint8 memmap of the whole file
+            if header:  # the entry's bytes in the file: the same bytes GGUFReader's parts hold
+                h.update(reader.raw(field.start, field.end))
+            else:
+                for part in field.parts:
+                    h.update(np.ascontiguousarray(part).tobytes())
     for t in ffn:
         lo, hi = int(t.data_offset), int(t.data_offset) + int(t.n_bytes)
-        h.update(raw[lo:min(hi, lo + _EDGE)].tobytes())
-        h.update(raw[max(lo, hi - _EDGE):hi].tobytes())
+        for a, b in ((lo, min(hi, lo + _EDGE)), (max(lo, hi - _EDGE), hi)):
+            h.update(reader.raw(a, b) if header else reader.data[a:b].tobytes())
     return h.hexdigest()
 
 
@@ -211,8 +215,10 @@ class Pack:
 
 
 def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None = None,
-              gguf_reader: GGUFReader | None = None) -> Pack:
-    """Open and fully validate a pack against its GGUF; refuses anything that does not match."""
+              gguf_reader: GGUFReader | GGUFHeader | None = None) -> Pack:
+    """Open and fully validate a pack against its GGUF; refuses anything that does not match.
+    Reads only the two headers, the binding's bytes and the predictors (no readahead), so opening a
+    pack for a model larger than RAM does not pull either file into the page cache."""
     gguf_path = Path(gguf_path)
     path = Path(pack_path) if pack_path else pack_path_for(gguf_path)
     fix = REBUILD.format(gguf=gguf_path)
@@ -220,8 +226,8 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
         raise RippleError(f"no offload pack at {path}; {fix}")
     size = path.stat().st_size
     try:
-        r = GGUFReader(path)
-    except Exception as e:
+        r = GGUFHeader(path)
+    except (HeaderError, OSError, UnicodeDecodeError) as e:
         raise RippleError(f"{path} is truncated or not a ripple pack ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {fix}") from None
     if kv(r, "general.architecture") != PACK_ARCH:
         raise RippleError(f"{path} is not a ripple pack; {fix}")
@@ -231,7 +237,10 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
     for t in r.tensors:
         if int(t.data_offset) + int(t.n_bytes) > size:
             raise RippleError(f"{path} is truncated ({t.name} ends past the end of the file); {fix}")
-    greader = gguf_reader or GGUFReader(gguf_path)
+    if gguf_reader is None:
+        from .gguf_io import open_header
+        gguf_reader = open_header(gguf_path)
+    greader = gguf_reader
     if kv(r, "ripple.pack.binding") != gguf_binding(greader):
         raise RippleError(f"{path} was built for a different GGUF than {gguf_path.name} "
                           f"(built for {kv(r, 'ripple.pack.gguf_name')!r}); {fix}")
@@ -257,17 +266,17 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
     for il in range(n_layer):
         def t(name, shape, qt):
             tt = tensors.get(f"blk.{il}.{name}")
-            if tt is None or tt.tensor_type != qt or tuple(int(s) for s in tt.data.shape) != shape:
+            if tt is None or tt.tensor_type != qt or tuple(int(s) for s in reversed(tt.shape)) != shape:
                 raise RippleError(f"{path}: tensor blk.{il}.{name} missing or malformed; {fix}")
             return tt
         b = t("ffn_bundles", (n_ff[il], bb), QT.I8)
         if int(b.data_offset) % PACK_ALIGN:
             raise RippleError(f"{path}: layer {il} bundles are not 4096-aligned; {fix}")
         offsets.append(int(b.data_offset))
-        p = LayerPredictor(np.asarray(t("pred_w1", (rank, n_embd), QT.F16).data, dtype=np.float32),
-                           np.asarray(t("pred_b1", (rank,), QT.F32).data, dtype=np.float32),
-                           np.asarray(t("pred_w2", (n_ff[il], rank), QT.F16).data, dtype=np.float32),
-                           np.asarray(t("pred_b2", (n_ff[il],), QT.F32).data, dtype=np.float32),
+        def arr(name, shape, qt):
+            return np.asarray(r.tensor_data(t(name, shape, qt)), dtype=np.float32)
+        p = LayerPredictor(arr("pred_w1", (rank, n_embd), QT.F16), arr("pred_b1", (rank,), QT.F32),
+                           arr("pred_w2", (n_ff[il], rank), QT.F16), arr("pred_b2", (n_ff[il],), QT.F32),
                            float(thresholds[il]))
         preds.append(p)
     stats = {}

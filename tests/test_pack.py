@@ -128,3 +128,50 @@ def test_pack_on_plain_gguf_is_a_clear_error(tmp_path):
     proc = run_cli("pack", plain, "--calib", CALIB)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "ripple-gguf convert" in proc.stderr and not pack_path_for(plain).exists()
+
+
+# --- the light header reader the load path uses ---------------------------------------------------
+
+def test_header_reader_agrees_with_gguf_py(converted):
+    from ripple_gguf.gguf_header import GGUFHeader
+    from ripple_gguf.gguf_io import kv, kv_array
+    from ripple_gguf.pack import gguf_binding
+    for path in (converted("tiny-arcee-relu2", "q8_0"), pack_path_for(converted("tiny-arcee-relu2", "q8_0"))):
+        ref, hdr = GGUFReader(path), GGUFHeader(path)
+        assert [(t.name, tuple(int(x) for x in t.shape), t.tensor_type, int(t.data_offset), int(t.n_bytes))
+                for t in ref.tensors] == \
+               [(t.name, t.shape, t.tensor_type, t.data_offset, t.n_bytes) for t in hdr.tensors]
+        for name, field in ref.fields.items():
+            if name.startswith("GGUF."):
+                continue
+            if field.types[0] == gguf.GGUFValueType.ARRAY:
+                if field.types[-1] != gguf.GGUFValueType.STRING:
+                    assert np.array_equal(kv_array(ref, name), kv_array(hdr, name)), name
+            else:
+                assert kv(ref, name) == kv(hdr, name), name
+        assert gguf_binding(ref) == gguf_binding(hdr)  # existing packs still match
+    t = next(t for t in hdr.tensors if t.name == "blk.0.pred_w2")
+    assert np.array_equal(hdr.tensor_data(t), np.asarray(next(x for x in ref.tensors if x.name == t.name).data))
+
+
+def test_header_reader_refuses_damage_with_a_clear_error(converted, tmp_path):
+    """Truncated or scribbled headers give RippleError, never another exception or a huge allocation."""
+    from ripple_gguf.gguf_io import open_header
+    good = converted("tiny-llama-swiglu", "f16").read_bytes()
+    rng = np.random.default_rng(0)
+    bad = tmp_path / "bad.gguf"
+    cases = [good[:n] for n in (0, 3, 8, 23, 100, 5000, len(good) // 2, len(good) - 1)]
+    for _ in range(40):  # a few bytes overwritten somewhere in the metadata
+        b = bytearray(good)
+        at = int(rng.integers(4, 4096))
+        b[at:at + 8] = rng.integers(0, 256, 8, dtype=np.uint8).tobytes()
+        cases.append(bytes(b))
+    refused = 0
+    for data in cases:
+        bad.write_bytes(data)
+        try:
+            open_header(bad)
+        except RippleError as e:
+            refused += 1
+            assert "\n" not in str(e) and str(bad) in str(e)
+    assert refused >= 8  # every truncation at least

@@ -208,6 +208,49 @@ for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special
     return gguf_path
 
 
+def resident_bytes(path: Path) -> int:
+    """Bytes of the file in the page cache (mincore over a map that touches nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size, page = path.stat().st_size, os.sysconf("SC_PAGE_SIZE")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+        vec = ctypes.create_string_buffer((size + page - 1) // page)
+        assert libc.mincore(addr, size, vec) == 0
+        libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw) * page
+
+
+@pytest.mark.slow
+def test_opening_and_running_never_reads_the_gguf_ffn(big_model):
+    """Verifying the pack and loading used to pull both whole files into the page cache (a memmap
+    of each, and 8 MiB readahead windows): fatal for a model larger than RAM."""
+    from ripple_gguf.cgroup import drop_file_cache
+    from ripple_gguf.run_cli import gguf_ffn_split
+    from ripple_gguf.runtime import verified_pack
+    pack_file = pack_path_for(big_model)
+    ffn, other = gguf_ffn_split(str(big_model))
+    for f in (big_model, pack_file):
+        drop_file_cache(f)
+    pk = verified_pack(str(big_model))
+    opened = resident_bytes(big_model), resident_bytes(pack_file)
+    llm = RippleLlama(str(big_model), pack=pk, memory_budget=16 * 2**20, n_ctx=256, verbose=False, direct_io=True)
+    llm.create_completion("import os\n", max_tokens=8, temperature=0.0)
+    ran = resident_bytes(big_model)
+    llm.close()
+    mib = 2**20
+    print(f"resident after open_pack: GGUF {opened[0] / mib:.1f} MiB, pack {opened[1] / mib:.1f} MiB; after "
+          f"generating: GGUF {ran / mib:.1f} MiB (non-FFN {other / mib:.1f} MiB, FFN {ffn / mib:.1f} MiB)")
+    assert opened[0] < 0.1 * ffn and opened[1] < 0.1 * pack_file.stat().st_size
+    assert ran < other + 0.25 * ffn  # the non-FFN weights (and readahead slop), not the FFN
+
+
 @pytest.mark.slow
 def test_peak_rss_stays_under_non_ffn_weights_plus_budget(big_model):
     budget = 16 * 2**20  # the FFN is 96 MiB; one layer's working set is 12 MiB
