@@ -22,9 +22,11 @@ _why = "not probed yet"
 
 
 def drop_file_cache(path) -> None:
-    """Evict a file's pages from the page cache (cold-start runs). Pages still mapped somewhere stay."""
+    """Evict a file's pages from the page cache (cold-start runs). Pages still mapped somewhere stay,
+    and so do dirty ones: a file written moments ago is flushed first, or it would stay cached."""
     fd = os.open(os.fspath(path), os.O_RDONLY)
     try:
+        os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)

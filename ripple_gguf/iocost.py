@@ -65,7 +65,9 @@ def fit_cost_model(sizes: np.ndarray, seconds_per_request: np.ndarray) -> CostMo
 # ----------------------------------------------------------------------------- cold reads
 
 def drop_cache(fd: int) -> None:
-    """Evict the file's clean pages (no root needed) and turn readahead off for buffered reads."""
+    """Evict the file's pages (no root needed; dirty ones are flushed first so they can go) and turn
+    readahead off for buffered reads."""
+    os.fdatasync(fd)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
 

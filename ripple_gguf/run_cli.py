@@ -71,6 +71,8 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("--direct-io", action="store_true", help="read the pack with O_DIRECT (bypass the page cache)")
     p.add_argument("--all-active", action="store_true", help="debug: predictor off, every neuron computed")
     p.add_argument("--pin-percent", type=int, default=50, help="share of the cache pinned to hot neurons (default 50)")
+    p.add_argument("--cold-cache", action="store_true",
+                   help="start with only the pinned neurons cached (default: fill the rest with the next hottest at load)")
     p.add_argument("--t0-us", type=float, default=None, help="cost model: per-read latency in us (default: probed)")
     p.add_argument("--bw-mbps", type=float, default=None, help="cost model: bandwidth in MB/s (default: probed)")
     p.add_argument("--merge-gap", type=int, default=None, metavar="BYTES",
@@ -88,7 +90,7 @@ def _ripple_kwargs(args) -> dict:
                 dense=args.dense, dense_fallback=args.allow_dense_fallback, all_active=args.all_active,
                 io_threads=args.io_threads, direct_io=args.direct_io, pin_percent=args.pin_percent,
                 t0_us=args.t0_us, bw_mbps=args.bw_mbps, merge_gap_bytes=args.merge_gap,
-                threshold_offset=args.threshold_offset)
+                threshold_offset=args.threshold_offset, warm_cache=not args.cold_cache)
 
 
 def _n_ctx(args, default: int = 2048) -> int:

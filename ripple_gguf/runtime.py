@@ -60,6 +60,7 @@ class RippleParams(ctypes.Structure):
         ("bw_mbps", ctypes.c_double),
         ("merge_gap_bytes", ctypes.c_int64),
         ("threshold_offset", ctypes.c_double),
+        ("warm_cache", ctypes.c_int32),
     ]
 
 
@@ -120,6 +121,7 @@ class RippleOptions:
     bw_mbps: float | None = None
     merge_gap_bytes: int | None = None
     threshold_offset: float = 0.0            # added to the pack's predictor thresholds (< 0: more neurons)
+    warm_cache: bool = True                  # fill the unpinned cache with the next-hottest neurons at load
 
 
 def budget_bytes(pack: Pack, opts: RippleOptions) -> int:
@@ -168,14 +170,14 @@ class RippleLlama(llama_cpp.Llama):
                  cache_ratio: float | None = None, dense: bool = False, dense_fallback: bool = False,
                  all_active: bool = False, io_threads: int = 4, direct_io: bool = False, pin_percent: int = 50,
                  t0_us: float | None = None, bw_mbps: float | None = None, merge_gap_bytes: int | None = None,
-                 threshold_offset: float = 0.0, **kwargs):
+                 threshold_offset: float = 0.0, warm_cache: bool = True, **kwargs):
         self.ripple_pack: Pack | None = None
         self.ripple_dense_reason: str | None = None
         model_path = str(model_path)
         if not Path(model_path).is_file():
             raise RippleError(f"{model_path}: no such file; pass the path of a converted .gguf")
         opts = RippleOptions(memory_budget, cache_ratio, io_threads, direct_io, all_active, pin_percent,
-                             t0_us, bw_mbps, merge_gap_bytes, threshold_offset)
+                             t0_us, bw_mbps, merge_gap_bytes, threshold_offset, warm_cache)
         kwargs.setdefault("n_gpu_layers", 0)
         if dense:
             self.ripple_dense_reason = "dense requested"
@@ -205,6 +207,7 @@ class RippleLlama(llama_cpp.Llama):
         params.bw_mbps = float(bw_mbps or 0.0)
         params.merge_gap_bytes = -1 if merge_gap_bytes is None else int(merge_gap_bytes)
         params.threshold_offset = float(threshold_offset)
+        params.warm_cache = int(bool(warm_cache))
         mp = model_path.encode()
         if lib.llama_ripple_register(mp, str(pack.path).encode(), ctypes.byref(params)) != 0:
             raise RippleError(lib.llama_ripple_last_error(None).decode(errors="replace"))

@@ -331,7 +331,7 @@ def test_cold_all_active_first_token_reads_the_ffn_exactly_once(packed):
     path = packed("tiny-arcee-relu2", "f16")
     pk = open_pack(path)
     ffn = sum(pk.n_ff) * pk.bundle_bytes
-    llm = RippleLlama(path, all_active=True, pin_percent=0, **KW)  # default budget: the whole FFN
+    llm = RippleLlama(path, all_active=True, pin_percent=0, warm_cache=False, **KW)  # budget: the whole FFN
     llm.ripple_reset_stats()
     llm.eval(llm.tokenize(b"def f(x):"))
     first = llm.ripple_stats()

@@ -9,11 +9,13 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 mapfile -t MODELS < <(.venv/bin/python tools/train_bench_models.py)
 mkdir -p build/bench
+# what a conversion depends on (a change here reconverts; runtime and bench code do not)
+CONVERTER="convert hf_convert calib profile placement llama_capture gguf_io gguf_header index_keys make_pack predictor pack"
 GGUFS=()
 for m in "${MODELS[@]}"; do
   name=$(basename "$m")
   out=build/bench/$name.gguf
-  key=$(cat "$m/STAMP" $(ls ripple_gguf/*.py | grep -v '/bench') | sha256sum | cut -c1-16)
+  key=$(cat "$m/STAMP" $(printf 'ripple_gguf/%s.py ' $CONVERTER) | sha256sum | cut -c1-16)
   if [ ! -f "$out" ] || [ ! -f "$out.stamp" ] || [ "$(cat "$out.stamp")" != "$key" ]; then
     .venv/bin/ripple-gguf convert "$m" -o "$out" --outtype f16 --calib models/text/calib.txt
     echo "$key" > "$out.stamp"
