@@ -1,12 +1,17 @@
 """`ripple-gguf bench e2e`: stock llama-cpp-python vs the sparse runtime on one GGUF, end to end.
 
 Each measurement is a fresh subprocess (cold page cache for the GGUF and the pack, nothing shared
-with earlier runs) confined to a memory cgroup: one emulated device RAM for both modes, the budget
-(a share of the model size) plus stock's non-weight memory (interpreter, libraries, KV cache,
-compute buffers; measured in an unconfined run first). Ripple must fit its own non-weight memory
-in the same limit, so its neuron cache is what is left after that, the mmap'd non-FFN weights and
-the predictors. The sparse runtime reads the pack with O_DIRECT by default (no second copy of
-what it caches in the page cache, which the cgroup would charge). Reported per run:
+with earlier runs) confined to a memory cgroup. The budget (a share of the model size) is the room
+for weights; each mode's non-weight memory (interpreter, libraries, KV cache, compute buffers) is
+measured in an unconfined run first. Two limits per budget:
+  weights   budget + that mode's own non-weight memory (stock, ripple). This is what carries over
+            to real model sizes, where a few MiB of fixed overhead do not matter;
+  same RAM  budget + stock's non-weight memory for ripple too ("ripple-same-ram"): one emulated
+            device for both, so ripple's extra fixed overhead comes out of its neuron cache. On a
+            model of a few tens of MiB that overhead is a large share of the budget.
+Ripple's weights are the mmap'd non-FFN tensors, the predictors and the neuron cache (the rest).
+The sparse runtime reads the pack with O_DIRECT by default (no second copy of what it caches in the
+page cache, which the cgroup would charge). Reported per run:
 time to first token, decode tokens/s and peak memory; per mode: perplexity on the same text.
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ from .errors import RippleError
 SLACK = 4 * 2**20           # added to the measured non-weight memory: allocator and interpreter jitter
 MARK = "RIPPLE_E2E_RESULT "  # prefix of the worker's result line on stdout
 MODES = ("stock", "ripple")
+RUNS = ("stock", "ripple", "ripple-same-ram")
 
 
 # --- worker: one measurement in a child process ------------------------------------------------------
@@ -232,7 +238,7 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_t
             "gen_tokens": gen_tokens, "n_ctx": n_ctx, "ctx": ctx, "timeout_s": timeout_s, "threads": threads,
             "t0_us": t0_us, "bw_mbps": bw_mbps, "direct_io": direct_io}
     hard = timeout_s * 2 + 120  # the worker stops decoding at timeout_s; this kills a hung load or prompt
-    bar = tqdm(total=2 + 2 * len(fractions), unit="run", file=sys.stderr, disable=not progress, leave=False)
+    bar = tqdm(total=2 + len(RUNS) * len(fractions), unit="run", file=sys.stderr, disable=not progress, leave=False)
     try:
         # unconfined: each mode's non-weight memory, and perplexity (it does not depend on the limit);
         # ripple runs with its smallest cache so that its anonymous memory is nearly all overhead
@@ -253,23 +259,28 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_t
         runs = []
         for frac in fractions:
             budget = int(frac * info["gguf_bytes"])
-            for mode in MODES:
-                limit = budget + overheads["stock"] if cgroup["version"] else None
-                bar.set_description(f"{mode} {frac:.0%}")
-                args = {**base, "mode": mode}
+            for run in RUNS:
+                own = overheads["ripple" if run == "ripple" else "stock"]
+                limit = budget + own if cgroup["version"] else None
+                bar.set_description(f"{run} {frac:.0%}")
+                args = {**base, "mode": "stock" if run == "stock" else "ripple"}
                 extra = {}
-                if mode == "ripple":
-                    cache, floored = cache_budget(budget + overheads["stock"] - overheads["ripple"], info)
+                if run != "stock":
+                    cache, floored = cache_budget(budget + own - overheads["ripple"], info)
                     args.update(pack=info["pack"], cache_budget=cache)
                     extra = {"cache_budget_bytes": cache, "cache_floor_applied": floored}
                 rec = _worker(args, limit, hard)
-                runs.append({"mode": mode, "fraction": frac, "budget_bytes": budget, **extra, **rec})
+                runs.append({"mode": run, "fraction": frac, "budget_bytes": budget, **extra, **rec})
                 bar.update()
     finally:
         bar.close()
     tok_s = {(r["mode"], r["fraction"]): r.get("decode_tok_s") for r in runs}
-    speedup = {str(f): (round(tok_s[("ripple", f)] / tok_s[("stock", f)], 3)
-                        if tok_s.get(("ripple", f)) and tok_s.get(("stock", f)) else None) for f in fractions}
+
+    def ratio(run, f):
+        a, b = tok_s.get((run, f)), tok_s.get(("stock", f))
+        return round(a / b, 3) if a and b else None
+    speedup = {str(f): ratio("ripple", f) for f in fractions}
+    speedup_same_ram = {str(f): ratio("ripple-same-ram", f) for f in fractions}
     ppl = {m: r.get("perplexity") or ({"error": r["error"]} if r["error"] else None)
            for m, r in (("stock", ref_stock), ("ripple", ref_ripple))}
     for r in (ref_stock, ref_ripple):
@@ -282,7 +293,7 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_t
             "unconfined": {"stock": {"mode": "stock", "fraction": None, **ref_stock},
                            "ripple": {"mode": "ripple", "fraction": None, "cache_budget_bytes": info["min_cache_bytes"],
                                       **ref_ripple}},
-            "runs": runs, "perplexity": ppl, "speedup": speedup}
+            "runs": runs, "perplexity": ppl, "speedup": speedup, "speedup_same_ram": speedup_same_ram}
 
 
 HEAD = ("budget", "limit MiB", "cache MiB", "TTFT ms", "tok/s", "peak MiB", "ppl", "vs stock")
@@ -298,22 +309,24 @@ def format_e2e(res: dict) -> str:
     m = res["model"]
     lines = [f"{os.path.basename(m['gguf'])}: {_mib(m['gguf_bytes'])} MiB (FFN {_mib(m['ffn_bytes'])}, other "
              f"{_mib(m['non_ffn_bytes'])}), pack {_mib(m['pack_bytes'])} MiB, predictors {_mib(m['predictor_bytes'])} MiB",
-             f"memory limit (both modes) = budget + stock's non-weight memory ({_mib(res['overheads']['stock'])} MiB: "
-             f"peak anonymous memory unconfined + {_mib(SLACK)} MiB); ripple's non-weight memory is "
-             f"{_mib(res['overheads']['ripple'])} MiB, its cache gets the rest; {res['cgroup']['note']}",
+             f"memory limit = budget + non-weight memory (peak anonymous memory unconfined + {_mib(SLACK)} MiB): "
+             f"stock {_mib(res['overheads']['stock'])} MiB, ripple {_mib(res['overheads']['ripple'])} MiB; "
+             f"ripple-same-ram gets stock's limit; {res['cgroup']['note']}",
              "peak = the cgroup's peak charge (anonymous + page cache); unconfined rows: peak RSS",
-             f"{'mode':<7}" + "".join(f"{c:>{w}}" for c, w in zip(HEAD, WIDTHS)) + "  note"]
+             f"{'mode':<16}" + "".join(f"{c:>{w}}" for c, w in zip(HEAD, WIDTHS)) + "  note"]
     ppl = {k: (v or {}).get("ppl") for k, v in res["perplexity"].items()}
     for r in [res["unconfined"][k] for k in MODES] + res["runs"]:
-        f, p, tok_s, ttft = r["fraction"], ppl.get(r["mode"]), r.get("decode_tok_s"), r.get("ttft_s")
-        ratio = res["speedup"].get(str(f)) if r["mode"] == "ripple" and f is not None else None
+        f, tok_s, ttft = r["fraction"], r.get("decode_tok_s"), r.get("ttft_s")
+        p = ppl.get("stock" if r["mode"] == "stock" else "ripple")
+        ratio = None if f is None or r["mode"] == "stock" else \
+            (res["speedup"] if r["mode"] == "ripple" else res["speedup_same_ram"]).get(str(f))
         note = r.get("error") or ("timed out" if r.get("timed_out") else "") or \
             ("cache at its floor" if r.get("cache_floor_applied") else "")
         cells = ["none" if f is None else f"{f:.0%}", _mib(r.get("limit_bytes")), _mib(r.get("cache_budget_bytes")),
                  "-" if ttft is None else f"{1000 * ttft:.1f}", "-" if not tok_s else f"{tok_s:.1f}",
                  _mib(r.get("cgroup_peak_bytes") or r.get("peak_rss_bytes")), "-" if p is None else f"{p:.3f}",
                  "-" if ratio is None else f"{ratio:.2f}x"]
-        lines.append(f"{r['mode']:<7}" + "".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS)) + f"  {note}")
+        lines.append(f"{r['mode']:<16}" + "".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS)) + f"  {note}")
     return "\n".join(lines)
 
 

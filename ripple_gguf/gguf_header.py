@@ -170,11 +170,13 @@ class GGUFHeader:
         return f.value
 
     def raw(self, start: int, end: int) -> bytes:
-        """File bytes [start, end) with one pread (no readahead beyond them)."""
+        """File bytes [start, end) with one pread (no readahead beyond them), not left in the page
+        cache afterwards: verification reads must not crowd out the weights under a memory limit."""
         fd = os.open(self.path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             data = os.pread(fd, end - start, start)
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
         if len(data) != end - start:

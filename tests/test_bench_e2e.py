@@ -52,7 +52,7 @@ def result(gguf):
 
 def test_every_run_decodes_or_says_why(result):
     assert [(r["mode"], r["fraction"]) for r in result["runs"]] == [
-        ("stock", 1.0), ("ripple", 1.0), ("stock", 0.5), ("ripple", 0.5)]
+        (m, f) for f in (1.0, 0.5) for m in ("stock", "ripple", "ripple-same-ram")]
     for r in result["runs"] + list(result["unconfined"].values()):
         if r["error"]:
             assert isinstance(r["error"], str) and r["error"].strip()
@@ -61,7 +61,7 @@ def test_every_run_decodes_or_says_why(result):
             assert r["decode_tok_s"] > 0 and r["ttft_s"] > 0 and r["peak_rss_bytes"] > 0
             assert len(r["tokens"]) == 9
     # at 100% nothing should fail on the tiny model
-    assert all(not r["error"] for r in result["runs"] if r["fraction"] == 1.0)
+    assert all(not r["error"] for r in result["runs"] if r["fraction"] == 1.0 and r["mode"] != "ripple-same-ram")
 
 
 def test_limits_and_budgets(result):
@@ -70,16 +70,18 @@ def test_limits_and_budgets(result):
     assert all(v > 4 * 2**20 for v in result["overheads"].values())
     for r in result["runs"]:
         assert r["budget_bytes"] == int(r["fraction"] * m["gguf_bytes"])
-        if r["mode"] == "ripple":
+        if r["mode"] != "stock":
             assert r["cache_budget_bytes"] >= m["min_cache_bytes"]
-            room = r["budget_bytes"] + result["overheads"]["stock"] - result["overheads"]["ripple"]
+            room = r["budget_bytes"] + (result["overheads"]["stock"] - result["overheads"]["ripple"]
+                                        if r["mode"] == "ripple-same-ram" else 0)
             assert r["cache_floor_applied"] == (room - m["non_ffn_bytes"] - m["predictor_bytes"]
                                                 < m["min_cache_bytes"])
     by = {(r["mode"], r["fraction"]): r for r in result["runs"]}
     if result["cgroup"]["version"]:
         for f in (1.0, 0.5):
-            for mode in ("stock", "ripple"):  # one emulated device RAM for both
-                assert by[(mode, f)]["limit_bytes"] == by[(mode, f)]["budget_bytes"] + result["overheads"]["stock"]
+            # the weight budget plus each mode's own non-weight memory; "same RAM": stock's limit for ripple too
+            for run, own in (("stock", "stock"), ("ripple", "ripple"), ("ripple-same-ram", "stock")):
+                assert by[(run, f)]["limit_bytes"] == by[(run, f)]["budget_bytes"] + result["overheads"][own]
             assert by[("stock", f)]["cgroup_peak_bytes"] <= by[("stock", f)]["limit_bytes"]
     else:
         assert "NOT memory-limited" in result["cgroup"]["note"]
