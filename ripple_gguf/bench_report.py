@@ -86,7 +86,7 @@ def plot_e2e(e2e: dict, path: Path, title: str) -> None:
               "ripple": ("tab:blue", "-o", "ripple sparse runtime (weights budget)"),
               "ripple-same-ram": ("tab:blue", "--s", "ripple, same total RAM as stock")}
     for mode, (color, style, label) in labels.items():
-        runs = sorted((r for r in e2e["runs"] if r["mode"] == mode), key=lambda r: r["fraction"])
+        runs = sorted((r for r in e2e["runs"] if r["mode"] == mode and r.get("decode_tok_s")), key=lambda r: r["fraction"])
         ax.plot([100 * r["fraction"] for r in runs], [r.get("decode_tok_s") or 0 for r in runs], style,
                 color=color, label=label)
     ax.set_xlabel("memory budget for weights (% of the GGUF size)")
