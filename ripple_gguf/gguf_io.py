@@ -41,25 +41,24 @@ class FfnLayout:
         return ("ffn_gate", "ffn_up", "ffn_down") if self.has_gate else ("ffn_up", "ffn_down")
 
 
-def open_header(path: str | os.PathLike) -> GGUFHeader:
-    """Metadata and tensor infos only, read without readahead (the load path: see gguf_header)."""
+def _open(path: str | os.PathLike, make, errors):
     path = Path(path)
     if not path.is_file():
         raise RippleError(f"{path}: no such file; pass the path of a .gguf file")
     try:
-        return GGUFHeader(path)
-    except (HeaderError, OSError, UnicodeDecodeError) as e:
+        return make(path)
+    except errors as e:
         raise RippleError(f"{path}: not a readable GGUF file ({e}); reconvert it with `ripple-gguf convert`") from None
+
+
+def open_header(path: str | os.PathLike) -> GGUFHeader:
+    """Metadata and tensor infos only, read without readahead (the load path: see gguf_header)."""
+    return _open(path, GGUFHeader, (HeaderError, OSError, UnicodeDecodeError))
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFReader:
-    path = Path(path)
-    if not path.is_file():
-        raise RippleError(f"{path}: no such file; pass the path of a .gguf file")
-    try:
-        return GGUFReader(path)
-    except Exception as e:  # gguf-py raises ValueError/struct errors on garbage
-        raise RippleError(f"{path}: not a readable GGUF file ({e}); reconvert it with `ripple-gguf convert`") from None
+    """gguf-py's reader (memory-maps the whole file: for conversion and inspection, not loading)."""
+    return _open(path, GGUFReader, Exception)  # gguf-py raises ValueError/struct errors on garbage
 
 
 def kv(reader, key: str, default=None):
