@@ -248,7 +248,7 @@ def test_opening_and_running_never_reads_the_gguf_ffn(big_model):
     print(f"resident after open_pack: GGUF {opened[0] / mib:.1f} MiB, pack {opened[1] / mib:.1f} MiB; after "
           f"generating: GGUF {ran / mib:.1f} MiB (non-FFN {other / mib:.1f} MiB, FFN {ffn / mib:.1f} MiB)")
     assert opened[0] < 0.1 * ffn and opened[1] < 0.1 * pack_file.stat().st_size
-    assert ran < other + 0.25 * ffn  # the non-FFN weights (and readahead slop), not the FFN
+    assert ran < other + 0.1 * ffn  # the non-FFN weights, not the FFN (read-around once pulled in ~30%)
 
 
 @pytest.mark.slow
