@@ -7,9 +7,10 @@
 3. Each placement's bundle table is written to a scratch file (the same layout as the pack, only the
    neuron order differs): identity (LLM in a flash: per-neuron bundles in model order), frequency
    (hot first), coactivation (the converter's order, i.e. the pack itself).
-4. Misses become requests, with or without merging gaps < t0*BW (iocost.plan_runs); reads/token
-   and bytes/token are counted over all tokens, and the first `time_tokens` tokens are read for
-   real from a cold file (O_DIRECT where possible), layer by layer with the runtime's parallelism.
+4. Misses become requests, with or without merging gaps < t0*BW (iocost.plan_runs), planned once;
+   reads/token and bytes/token are counted over all tokens, and the first `time_tokens` tokens'
+   requests are read for real from a cold file (O_DIRECT where possible), layer by layer with the
+   runtime's parallelism.
 5. Oracle bound: the missed active bytes read in one sequential pass at the probed bandwidth.
 """
 from __future__ import annotations
@@ -105,32 +106,35 @@ def write_placement_file(pack, positions: list[np.ndarray], path: Path) -> list[
     return bases
 
 
-def request_lists(misses: list[np.ndarray], positions: list[np.ndarray], bases: list[int], bb: int,
-                  gap: int | None, tokens: range):
+def request_plans(misses: list[np.ndarray], positions: list[np.ndarray], bases: list[int], bb: int,
+                  gap: int | None) -> list[list[tuple[np.ndarray, np.ndarray, int]]]:
     """Per token, per layer: (offsets, lengths) of the requests and the useful (missed) bytes."""
-    for t in tokens:
+    plans = []
+    for t in range(len(misses[0])):
         per_layer = []
         for il, m in enumerate(misses):
             pos = np.sort(positions[il][np.flatnonzero(m[t])])
             starts, counts = iocost.plan_runs(pos, bb, gap)
             per_layer.append((bases[il] + starts * bb, counts * bb, len(pos) * bb))
-        yield per_layer
+        plans.append(per_layer)
+    return plans
 
 
-def replay(pack, misses, positions, bases, gap, n_tokens: int) -> dict:
+def count_requests(plans) -> dict:
     reads = nbytes = aligned = useful = 0
-    for per_layer in request_lists(misses, positions, bases, pack.bundle_bytes, gap, range(n_tokens)):
+    for per_layer in plans:
         for offs, lens, use in per_layer:
             reads += len(offs)
             nbytes += int(lens.sum())
             aligned += int(iocost.align_out(offs, lens)[1].sum())
             useful += use
-    return dict(reads_per_token=reads / n_tokens, bytes_per_token=nbytes / n_tokens,
-                aligned_bytes_per_token=aligned / n_tokens, useful_bytes_per_token=useful / n_tokens)
+    n = len(plans)
+    return dict(reads_per_token=reads / n, bytes_per_token=nbytes / n,
+                aligned_bytes_per_token=aligned / n, useful_bytes_per_token=useful / n)
 
 
-def timed_replay(path: Path, pack, misses, positions, bases, gap, n_tokens: int, threads: int, direct: bool) -> dict:
-    plans = list(request_lists(misses, positions, bases, pack.bundle_bytes, gap, range(n_tokens)))
+def timed_replay(path: Path, plans, threads: int, direct: bool) -> dict:
+    """Issue the planned reads for real from a cold file, layer by layer."""
     reader = iocost.Reader(path, threads=threads, direct=direct)
     try:
         reader.cold()
@@ -143,14 +147,15 @@ def timed_replay(path: Path, pack, misses, positions, bases, gap, n_tokens: int,
         seconds = time.perf_counter() - t0
     finally:
         reader.close()
-    return dict(io_s_per_token=seconds / n_tokens, transferred_per_token=got / n_tokens,
+    n = len(plans)
+    return dict(io_s_per_token=seconds / n, transferred_per_token=got / n,
                 eff_bw_mbps=got / seconds / 1e6 if seconds > 0 else None, direct_io=reader.direct)
 
 
 def run_io(gguf, text_path, max_tokens: int = 1024, time_tokens: int = 64, budgets=BUDGETS,
            io_threads: int = 4, direct: bool = True, scratch_dir=None, probe_result: dict | None = None,
            progress: bool = True) -> dict:
-    from .gguf_io import open_gguf, read_ffn_layout
+    from .gguf_io import open_header, read_ffn_layout
     from .index_keys import read_index
     from .pack import open_pack
     gguf = Path(gguf)
@@ -158,12 +163,11 @@ def run_io(gguf, text_path, max_tokens: int = 1024, time_tokens: int = 64, budge
         raise RippleError(f"{gguf}: no such file; pass a GGUF made by `ripple-gguf convert`")
     if not os.path.isfile(text_path):
         raise RippleError(f"{text_path}: no such file; pass held-out text with --text")
-    reader = open_gguf(gguf)
-    index = read_index(reader, read_ffn_layout(reader).n_ff)
+    header = open_header(gguf)
+    index = read_index(header, read_ffn_layout(header).n_ff)
     if index is None:
         raise RippleError(f"{gguf} has no ripple index; convert it with `ripple-gguf convert`")
-    pack = open_pack(gguf, gguf_reader=reader)
-    del reader
+    pack = open_pack(gguf)
     text = Path(text_path).read_text(encoding="utf-8", errors="replace")
     pred, true = activation_sets(gguf, pack, text, max_tokens)
     n_tok = len(pred[0])
@@ -196,11 +200,10 @@ def run_io(gguf, text_path, max_tokens: int = 1024, time_tokens: int = 64, budge
                                      for il in range(pack.n_layer)]
             misses = misses_at[budget]
             gap = model.merge_gap_bytes if merge else None
-            c = dict(placement=place, merge=merge, budget=budget)
-            c.update(replay(pack, misses, positions[place], bases, gap, n_tok))
-            timed_counts = replay(pack, misses, positions[place], bases, gap, time_tokens)
-            c.update(timed_replay(files[place], pack, misses, positions[place], bases, gap, time_tokens,
-                                  io_threads, direct))
+            plans = request_plans(misses, positions[place], bases, bb, gap)
+            c = dict(placement=place, merge=merge, budget=budget, **count_requests(plans))
+            timed_counts = count_requests(plans[:time_tokens])
+            c.update(timed_replay(files[place], plans[:time_tokens], io_threads, direct))
             c["oracle_s_per_token"] = timed_counts["useful_bytes_per_token"] / (seq_bw * 1e6)
             c["vs_oracle"] = c["io_s_per_token"] / c["oracle_s_per_token"] if c["oracle_s_per_token"] else None
             c["model_s_per_token"] = model.seconds(c["reads_per_token"], c["bytes_per_token"])
@@ -212,7 +215,7 @@ def run_io(gguf, text_path, max_tokens: int = 1024, time_tokens: int = 64, budge
     return {
         "model": {"gguf": str(gguf), "n_layer": pack.n_layer, "n_embd": pack.n_embd, "n_ff": pack.n_ff,
                   "weight_type": pack.weight_type.name, "bundle_bytes": bb, "ffn_bytes": ffn_bytes,
-                  "placement_in_file": index.placement},
+                  "placement_in_file": index.placement, "activation": index.activation},
         "text": str(text_path), "tokens": n_tok, "timed_tokens": time_tokens, "io_threads": io_threads,
         "density": {"predicted": [float(p.mean()) for p in pred], "true": [float(t.mean()) for t in true]},
         "probe": probe_result, "cost_model": model.as_dict(), "seq_bw_mbps": seq_bw,

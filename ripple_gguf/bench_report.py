@@ -45,8 +45,7 @@ def machine() -> dict:
 
 def family(io_result: dict) -> str:
     """'relu' when the model's FFN activations have true zeros (ReLU family), else 'swiglu'."""
-    from .gguf_io import kv, open_gguf
-    return "relu" if kv(open_gguf(io_result["model"]["gguf"]), "ripple.activation") == "zero" else "swiglu"
+    return "relu" if io_result["model"]["activation"] == "zero" else "swiglu"
 
 
 # ----------------------------------------------------------------------------- plots

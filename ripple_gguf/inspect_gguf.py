@@ -47,7 +47,7 @@ def pack_info(path: Path, reader) -> dict | None:
     if not pp.exists():
         return None
     try:
-        pk = open_pack(path, pp, gguf_reader=reader)
+        pk = open_pack(path, pp)
     except RippleError as e:
         return {"file": str(pp), "status": f"unusable: {e}", "obj": None}
     ffn_bytes = sum(ffn_weight_bytes(reader, pk.n_layer))

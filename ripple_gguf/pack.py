@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as QT, GGUFReader, GGUFWriter
 
 from .errors import RippleError
 from .gguf_header import GGUFHeader, HeaderError
-from .gguf_io import FfnLayout, add_ripple_kv, kv, kv_array, read_ffn_layout
+from .gguf_io import FfnLayout, add_ripple_kv, kv, kv_array, open_header, read_ffn_layout
 from .predictor import LayerPredictor
 
 PACK_VERSION = 1
@@ -38,26 +38,22 @@ def row_bytes(qtype: QT, n: int) -> int:
     return n // block * size
 
 
-def gguf_binding(reader: GGUFReader) -> str:
-    """Hash of what makes a GGUF *this* model in *this* order (see FORMAT.md, Binding)."""
+def gguf_binding(header: GGUFHeader) -> str:
+    """Hash of what makes a GGUF *this* model in *this* order (see FORMAT.md, Binding); reads only
+    the hashed bytes (each ripple.* KV entry as stored, the edges of each FFN tensor)."""
     h = hashlib.sha256(b"ripple-pack-binding-v1")
     ffn = []
-    for t in reader.tensors:
+    for t in header.tensors:
         h.update(f"{t.name}|{int(t.tensor_type)}|{tuple(int(s) for s in t.shape)}|{int(t.data_offset)}|{int(t.n_bytes)}\n".encode())
         if ".ffn_" in t.name:
             ffn.append(t)
-    header = isinstance(reader, GGUFHeader)
-    for field in reader.fields.values():
+    for field in header.fields.values():
         if field.name.startswith("ripple."):
-            if header:  # the entry's bytes in the file: the same bytes GGUFReader's parts hold
-                h.update(reader.raw(field.start, field.end))
-            else:
-                for part in field.parts:
-                    h.update(np.ascontiguousarray(part).tobytes())
+            h.update(header.raw(field.start, field.end))
     for t in ffn:
         lo, hi = int(t.data_offset), int(t.data_offset) + int(t.n_bytes)
-        for a, b in ((lo, min(hi, lo + _EDGE)), (max(lo, hi - _EDGE), hi)):
-            h.update(reader.raw(a, b) if header else reader.data[a:b].tobytes())
+        h.update(header.raw(lo, min(hi, lo + _EDGE)))
+        h.update(header.raw(max(lo, hi - _EDGE), hi))
     return h.hexdigest()
 
 
@@ -112,7 +108,7 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
     writer.add_custom_alignment(PACK_ALIGN)
     items = {
         "ripple.pack.format_version": PACK_VERSION,
-        "ripple.pack.binding": gguf_binding(reader),
+        "ripple.pack.binding": gguf_binding(GGUFHeader(gguf_path)),
         "ripple.pack.gguf_name": Path(gguf_path).name,
         "ripple.pack.n_layer": layout.n_layer,
         "ripple.pack.n_embd": layout.n_embd,
@@ -214,8 +210,7 @@ class Pack:
         return out
 
 
-def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None = None,
-              gguf_reader: GGUFReader | GGUFHeader | None = None) -> Pack:
+def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None = None) -> Pack:
     """Open and fully validate a pack against its GGUF; refuses anything that does not match.
     Reads only the two headers, the binding's bytes and the predictors (no readahead), so opening a
     pack for a model larger than RAM does not pull either file into the page cache."""
@@ -237,10 +232,7 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
     for t in r.tensors:
         if int(t.data_offset) + int(t.n_bytes) > size:
             raise RippleError(f"{path} is truncated ({t.name} ends past the end of the file); {fix}")
-    if gguf_reader is None:
-        from .gguf_io import open_header
-        gguf_reader = open_header(gguf_path)
-    greader = gguf_reader
+    greader = open_header(gguf_path)
     if kv(r, "ripple.pack.binding") != gguf_binding(greader):
         raise RippleError(f"{path} was built for a different GGUF than {gguf_path.name} "
                           f"(built for {kv(r, 'ripple.pack.gguf_name')!r}); {fix}")

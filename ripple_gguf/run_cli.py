@@ -46,10 +46,9 @@ def peak_rss() -> int:
 
 
 def gguf_ffn_split(path: str) -> tuple[int, int]:
-    """(FFN weight bytes, everything else in the file) of a GGUF."""
-    from gguf import GGUFReader
-    from .gguf_io import ffn_weight_bytes, read_ffn_layout
-    r = GGUFReader(path)
+    """(FFN weight bytes, everything else in the file) of a GGUF (header only: this runs on the load path)."""
+    from .gguf_io import ffn_weight_bytes, open_header, read_ffn_layout
+    r = open_header(path)
     ffn = sum(ffn_weight_bytes(r, read_ffn_layout(r).n_layer))
     return ffn, os.path.getsize(path) - ffn
 
@@ -98,9 +97,8 @@ def _n_ctx(args, default: int = 2048) -> int:
         if args.ctx < 8:
             raise RippleError("--ctx must be at least 8")
         return args.ctx
-    from gguf import GGUFReader
-    from .gguf_io import kv
-    r = GGUFReader(args.gguf)
+    from .gguf_io import kv, open_header
+    r = open_header(args.gguf)
     arch = kv(r, "general.architecture")
     train = kv(r, f"{arch}.context_length")
     return min(default, int(train)) if train else default
@@ -109,7 +107,7 @@ def _n_ctx(args, default: int = 2048) -> int:
 def prepare(args) -> dict:
     """Everything checked before the model loads: the file, the context size and (unless --dense)
     the pack verified against the GGUF. Done before the peak-RSS window opens: verification parses
-    both files' metadata with gguf-py, a transient cost reported separately as verify_peak_rss_bytes."""
+    both files' headers, a transient cost reported separately as verify_peak_rss_bytes."""
     if not os.path.isfile(args.gguf):
         raise RippleError(f"{args.gguf}: no such file; pass a converted .gguf")
     from .runtime import verified_pack
