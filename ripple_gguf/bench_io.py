@@ -95,7 +95,7 @@ def write_placement_file(pack, positions: list[np.ndarray], path: Path) -> list[
         for il in range(pack.n_layer):
             off = -(-off // iocost.ALIGN) * iocost.ALIGN
             f.seek(off)
-            src = np.memmap(pack.path, np.uint8, "r", pack.bundle_offsets[il], (pack.n_ff[il], pack.bundle_bytes))
+            src = np.memmap(pack.path, np.uint8, "r", pack.bundle_offsets[il], (pack.n_ff[il], pack.layer_bundle_bytes[il]))
             out = np.empty_like(src)
             out[positions[il]] = src
             f.write(out.tobytes())
@@ -106,7 +106,7 @@ def write_placement_file(pack, positions: list[np.ndarray], path: Path) -> list[
     return bases
 
 
-def request_plans(misses: list[np.ndarray], positions: list[np.ndarray], bases: list[int], bb: int,
+def request_plans(misses: list[np.ndarray], positions: list[np.ndarray], bases: list[int], bbs: list[int],
                   gap: int | None) -> list[list[tuple[np.ndarray, np.ndarray, int]]]:
     """Per token, per layer: (offsets, lengths) of the requests and the useful (missed) bytes."""
     plans = []
@@ -114,6 +114,7 @@ def request_plans(misses: list[np.ndarray], positions: list[np.ndarray], bases: 
         per_layer = []
         for il, m in enumerate(misses):
             pos = np.sort(positions[il][np.flatnonzero(m[t])])
+            bb = bbs[il]
             starts, counts = iocost.plan_runs(pos, bb, gap)
             per_layer.append((bases[il] + starts * bb, counts * bb, len(pos) * bb))
         plans.append(per_layer)
@@ -172,12 +173,12 @@ def run_io(gguf, text_path, max_tokens: int = 1024, time_tokens: int = 64, budge
     pred, true = activation_sets(gguf, pack, text, max_tokens)
     n_tok = len(pred[0])
     time_tokens = max(1, min(time_tokens, n_tok))
-    bb = pack.bundle_bytes
+    bb = pack.bundle_bytes  # the largest record (mixed-type files vary per layer)
     positions = {name: [] for name in PLACEMENTS}
     for il in range(pack.n_layer):
         for name, pos in placement_positions(index, il).items():
             positions[name].append(pos)
-    ffn_bytes = sum(n * bb for n in pack.n_ff)
+    ffn_bytes = pack.ffn_pack_bytes
 
     scratch = Path(tempfile.mkdtemp(prefix=".ripple-bench-io-", suffix=".tmp", dir=scratch_dir or gguf.parent))
     try:
@@ -200,7 +201,7 @@ def run_io(gguf, text_path, max_tokens: int = 1024, time_tokens: int = 64, budge
                                      for il in range(pack.n_layer)]
             misses = misses_at[budget]
             gap = model.merge_gap_bytes if merge else None
-            plans = request_plans(misses, positions[place], bases, bb, gap)
+            plans = request_plans(misses, positions[place], bases, pack.layer_bundle_bytes, gap)
             c = dict(placement=place, merge=merge, budget=budget, **count_requests(plans))
             timed_counts = count_requests(plans[:time_tokens])
             c.update(timed_replay(files[place], plans[:time_tokens], io_threads, direct))
@@ -214,7 +215,7 @@ def run_io(gguf, text_path, max_tokens: int = 1024, time_tokens: int = 64, budge
         shutil.rmtree(scratch, ignore_errors=True)
     return {
         "model": {"gguf": str(gguf), "n_layer": pack.n_layer, "n_embd": pack.n_embd, "n_ff": pack.n_ff,
-                  "weight_type": pack.weight_type.name, "bundle_bytes": bb, "ffn_bytes": ffn_bytes,
+                  "weight_type": pack.type_label, "bundle_bytes": bb, "ffn_bytes": ffn_bytes,
                   "placement_in_file": index.placement, "activation": index.activation},
         "text": str(text_path), "tokens": n_tok, "timed_tokens": time_tokens, "io_threads": io_threads,
         "density": {"predicted": [float(p.mean()) for p in pred], "true": [float(t.mean()) for t in true]},

@@ -14,17 +14,17 @@ from typing import Callable
 
 import numpy as np
 import gguf
-from gguf import GGMLQuantizationType as QT, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType as QT, GGUFWriter
 
+from . import ggml_quant
 from .errors import RippleError
 from .gguf_header import GGUFHeader, HeaderError
 from .gguf_io import FfnLayout, add_ripple_kv, kv, kv_array, open_header, read_ffn_layout
 from .predictor import LayerPredictor
 
-PACK_VERSION = 1
+PACK_VERSION = 2  # 2: per-layer, per-part row types (any ggml type)
 PACK_ARCH = "ripple_pack"
 PACK_ALIGN = 4096
-PACK_TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0)
 _EDGE = 64 * 1024
 REBUILD = "rebuild it with `ripple-gguf pack {gguf}`"
 
@@ -60,64 +60,94 @@ def gguf_binding(header: GGUFHeader) -> str:
 # ---------------------------------------------------------------------------------------------
 # writing
 
-def _rows_as(qtype: QT, tensor, rows_axis_last: bool) -> np.ndarray:
-    """One neuron per row, in `qtype` bytes: (n_ff, row_bytes) uint8. gate/up rows are copied as
-    they are when the type already matches; ffn_down columns are dequantized, transposed and
-    re-quantized along n_embd."""
-    n_embd = int(tensor.shape[0])
-    if not rows_axis_last and tensor.tensor_type == qtype:
-        return np.asarray(tensor.data).view(np.uint8).reshape(int(tensor.shape[1]), -1)
-    vals = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32)
-    if rows_axis_last:  # ffn_down: numpy (n_embd, n_ff) -> neuron rows (n_ff, n_embd)
-        vals = np.ascontiguousarray(vals.T)
-    vals = vals.reshape(-1, n_embd if not rows_axis_last else vals.shape[1])
-    if qtype == QT.F32:
-        return vals.view(np.uint8)
-    if qtype == QT.F16:
-        return vals.astype(np.float16).view(np.uint8)
-    return gguf.quants.quantize(vals, qtype).view(np.uint8).reshape(vals.shape[0], -1)
+PARTS = ("gate", "up", "down")
 
 
-def layer_bundles(reader_tensors: dict, layout: FfnLayout, il: int, qtype: QT) -> np.ndarray:
-    parts = []
-    if layout.has_gate:
-        parts.append(_rows_as(qtype, reader_tensors[f"blk.{il}.ffn_gate.weight"], False))
-    parts.append(_rows_as(qtype, reader_tensors[f"blk.{il}.ffn_up.weight"], False))
-    parts.append(_rows_as(qtype, reader_tensors[f"blk.{il}.ffn_down.weight"], True))
-    return np.ascontiguousarray(np.concatenate(parts, axis=1))
+def _raw_rows(path: Path, t, n_rows: int) -> np.ndarray:
+    """A tensor's bytes as (n_rows, row_bytes) uint8, memory-mapped (read once, in order)."""
+    return np.memmap(path, np.uint8, "r", int(t.data_offset), (n_rows, int(t.n_bytes) // n_rows))
 
 
-def pack_weight_type(reader: GGUFReader) -> QT:
-    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight").tensor_type
-    if t not in PACK_TYPES:
-        raise RippleError(f"FFN weights are {t.name}; packs support F32, F16, Q8_0 and Q4_0 "
-                          "(reconvert with --outtype f16|q8_0|q4_0)")
-    return t
+def down_rows(path: Path, t, n_embd: int, n_ff: int) -> tuple[np.ndarray, QT, float]:
+    """ffn_down (ggml {n_ff, n_embd}: a neuron is a column, blocks run along n_ff) as one row per
+    neuron: dequantized with ggml, transposed, re-quantized along n_embd with ggml's quantizer in the
+    GGUF's type or llama.cpp's fallback for that row length. Returns (rows, type, relative RMS
+    error of the rows against the GGUF's dequantized down)."""
+    src_type = QT(t.tensor_type)
+    vals = ggml_quant.dequantize(_raw_rows(path, t, n_embd), src_type, n_ff)      # (n_embd, n_ff)
+    cols = np.ascontiguousarray(vals.T)                                          # (n_ff, n_embd)
+    qtype = ggml_quant.fallback_type(src_type, n_embd)
+    rows = ggml_quant.quantize(cols, qtype)
+    err = 0.0
+    if qtype not in (QT.F32,) and not (qtype == src_type and qtype in (QT.F16, QT.BF16)):
+        err = ggml_quant.relative_rms(cols, ggml_quant.dequantize(rows, qtype, n_embd))
+    return rows, qtype, err
+
+
+def layer_bundles(path: Path, tensors: dict, layout: FfnLayout, il: int) -> tuple[np.ndarray, dict]:
+    """Layer il's records (n_ff, bundle_bytes) and what they hold: {part: type, 'down_source':
+    type, 'down_rel_rms': float}."""
+    n_ff, n_embd = layout.n_ff[il], layout.n_embd
+    parts, info = [], {}
+    for part in ("gate", "up"):
+        t = tensors.get(f"blk.{il}.ffn_{part}.weight")
+        if t is None:
+            continue
+        parts.append(_raw_rows(path, t, n_ff))  # neuron i is row i: copied as stored
+        info[part] = QT(t.tensor_type)
+    t = tensors[f"blk.{il}.ffn_down.weight"]
+    rows, info["down"], info["down_rel_rms"] = down_rows(path, t, n_embd, n_ff)
+    info["down_source"] = QT(t.tensor_type)
+    parts.append(rows)
+    return np.ascontiguousarray(np.concatenate(parts, axis=1)), info
+
+
+def check_pack_types(header: GGUFHeader, layout: FfnLayout) -> None:
+    """Refuse FFN weights the runtime cannot compute, before any work."""
+    for t in header.tensors:
+        if ".ffn_" not in t.name or not t.name.endswith(".weight"):
+            continue
+        qt = QT(t.tensor_type)
+        if qt in (QT.I8, QT.I16, QT.I32, QT.I64, QT.F64):
+            raise RippleError(f"{t.name} is {qt.name}, not a weight type llama.cpp computes FFNs in; "
+                              "reconvert the model with `ripple-gguf convert`")
+        if t.name.endswith("ffn_down.weight"):
+            ggml_quant.fallback_type(qt, layout.n_embd)  # raises if ggml has no such type
 
 
 def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], stats: dict, meta: dict,
-               progress: Callable[[int], None] | None = None) -> None:
-    """Write the pack for `gguf_path` to `out` (callers pass a temporary name and rename)."""
-    reader = GGUFReader(gguf_path)
-    layout = read_ffn_layout(reader)
-    qtype = pack_weight_type(reader)
-    tensors = {t.name: t for t in reader.tensors}
-    rb = row_bytes(qtype, layout.n_embd)
-    bb = rb * (3 if layout.has_gate else 2)
+               progress: Callable[[int], None] | None = None) -> dict:
+    """Write the pack for `gguf_path` to `out` (callers pass a temporary name and rename). Returns
+    what each layer's records hold (types, down requantization error)."""
+    gguf_path = Path(gguf_path)
+    header = GGUFHeader(gguf_path)
+    layout = read_ffn_layout(header)
+    check_pack_types(header, layout)
+    tensors = {t.name: t for t in header.tensors}
+    # record sizes follow from the types alone, so the header is written before any weight is read
+    kinds = ("gate", "up") if layout.has_gate else ("up",)
+    types = {k: [] for k in ("gate", "up", "down", "down_source")}
+    for il in range(layout.n_layer):
+        for part in kinds:
+            types[part].append(QT(tensors[f"blk.{il}.ffn_{part}.weight"].tensor_type))
+        src = QT(tensors[f"blk.{il}.ffn_down.weight"].tensor_type)
+        types["down_source"].append(src)
+        types["down"].append(ggml_quant.fallback_type(src, layout.n_embd))
+    bundle = [sum(row_bytes(types[k][il], layout.n_embd) for k in (*kinds, "down")) for il in range(layout.n_layer)]
     writer = GGUFWriter(out, PACK_ARCH)
     writer.add_custom_alignment(PACK_ALIGN)
     items = {
         "ripple.pack.format_version": PACK_VERSION,
-        "ripple.pack.binding": gguf_binding(GGUFHeader(gguf_path)),
-        "ripple.pack.gguf_name": Path(gguf_path).name,
+        "ripple.pack.binding": gguf_binding(header),
+        "ripple.pack.gguf_name": gguf_path.name,
         "ripple.pack.n_layer": layout.n_layer,
         "ripple.pack.n_embd": layout.n_embd,
         "ripple.pack.n_ff": np.asarray(layout.n_ff, dtype=np.uint32),
         "ripple.pack.has_gate": layout.has_gate,
-        "ripple.pack.weight_type": int(qtype),
-        "ripple.pack.row_bytes": rb,
-        "ripple.pack.bundle_bytes": bb,
-        "ripple.pack.activation": str(kv(reader, "ripple.activation", "zero")),
+        **{f"ripple.pack.{k}_type": np.asarray([int(q) for q in types[k]], dtype=np.uint32)
+           for k in (*kinds, "down", "down_source")},
+        "ripple.pack.bundle_bytes": np.asarray(bundle, dtype=np.uint32),
+        "ripple.pack.activation": str(kv(header, "ripple.activation", "zero")),
         "ripple.pack.act_threshold": np.asarray(meta["act_threshold"], dtype=np.float32),
         "ripple.pack.pred_rank": int(predictors[0].w1.shape[0]),
         "ripple.pack.pred_threshold": np.array([p.threshold for p in predictors], dtype=np.float32),
@@ -128,13 +158,17 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
     for k, v in stats.items():
         items[f"ripple.pack.eval.{k}"] = np.asarray(v, dtype=np.float32)
     for il in range(layout.n_layer):
-        g = kv_array(reader, f"ripple.blk.{il}.group_starts")
+        g = kv_array(header, f"ripple.blk.{il}.group_starts")
         items[f"ripple.blk.{il}.group_starts"] = g if g is not None else np.zeros(1, dtype=np.uint32)
+    # down_rel_rms is known only once each layer's rows are made: written as zeros (fixed size),
+    # then patched in place, so layers stream through one at a time
+    items["ripple.pack.down_rel_rms"] = np.zeros(layout.n_layer, dtype=np.float32)
+    errors = np.zeros(layout.n_layer, dtype=np.float32)
     try:
         add_ripple_kv(writer, items)
         for il, p in enumerate(predictors):
             n_ff = layout.n_ff[il]
-            writer.add_tensor_info(f"blk.{il}.ffn_bundles", (n_ff, bb), np.dtype(np.int8), n_ff * bb, QT.I8)
+            writer.add_tensor_info(f"blk.{il}.ffn_bundles", (n_ff, bundle[il]), np.dtype(np.int8), n_ff * bundle[il], QT.I8)
             writer.add_tensor_info(f"blk.{il}.pred_w1", p.w1.shape, np.dtype(np.float16), p.w1.size * 2, QT.F16)
             writer.add_tensor_info(f"blk.{il}.pred_b1", p.b1.shape, np.dtype(np.float32), p.b1.size * 4, QT.F32)
             writer.add_tensor_info(f"blk.{il}.pred_w2", p.w2.shape, np.dtype(np.float16), p.w2.size * 2, QT.F16)
@@ -143,9 +177,11 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for il, p in enumerate(predictors):
-            bundles = layer_bundles(tensors, layout, il, qtype)
-            assert bundles.shape == (layout.n_ff[il], bb), bundles.shape
-            writer.write_tensor_data(bundles.view(np.int8))
+            rows, info = layer_bundles(gguf_path, tensors, layout, il)
+            assert rows.shape == (layout.n_ff[il], bundle[il]) and info["down"] == types["down"][il], (rows.shape, info)
+            errors[il] = info["down_rel_rms"]
+            writer.write_tensor_data(rows.view(np.int8))
+            del rows
             writer.write_tensor_data(p.w1.astype(np.float16))
             writer.write_tensor_data(p.b1.astype(np.float32))
             writer.write_tensor_data(p.w2.astype(np.float16))
@@ -154,6 +190,11 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
                 progress(1)
     finally:
         writer.close()
+    field = GGUFHeader(out).fields["ripple.pack.down_rel_rms"]
+    with open(out, "r+b") as f:
+        f.seek(field.end - errors.nbytes)
+        f.write(errors.astype("<f4").tobytes())
+    return {"types": {k: [q.name for q in v] for k, v in types.items()}, "down_rel_rms": errors.tolist()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,9 +208,10 @@ class Pack:
     n_embd: int
     n_ff: list[int]
     has_gate: bool
-    weight_type: QT
-    row_bytes: int
-    bundle_bytes: int
+    part_types: list[dict[str, QT]]  # per layer: {"gate"?, "up", "down"} -> ggml type of its rows
+    down_source_type: list[QT]       # per layer: the GGUF's ffn_down type the down rows came from
+    down_rel_rms: np.ndarray         # per layer: relative RMS error of the down rows vs the GGUF
+    layer_bundle_bytes: list[int]    # per layer: bytes of one record
     bundle_offsets: list[int]        # absolute file offset of each layer's bundle table
     predictors: list[LayerPredictor]
     act_threshold: np.ndarray
@@ -185,29 +227,57 @@ class Pack:
     def predictor_bytes(self) -> int:
         return sum(p.nbytes for p in self.predictors)
 
+    @property
+    def bundle_bytes(self) -> int:
+        """The largest record: one neuron-cache slot (the runtime sizes every slot to it)."""
+        return max(self.layer_bundle_bytes)
+
+    @property
+    def ffn_pack_bytes(self) -> int:
+        return sum(n * b for n, b in zip(self.n_ff, self.layer_bundle_bytes))
+
+    @property
+    def type_label(self) -> str:
+        """e.g. "F16", or "gate Q5_0, up Q5_0, down Q5_0+Q8_0" for mixed files."""
+        parts = list(self.part_types[0])
+        seen = {k: sorted({t[k].name for t in self.part_types}) for k in parts}
+        names = {n for v in seen.values() for n in v}
+        if len(names) == 1:
+            return names.pop()
+        return ", ".join(f"{k} {'+'.join(v)}" for k, v in seen.items())
+
     def read_runs(self, il: int, runs: list[tuple[int, int]]) -> dict[str, np.ndarray]:
         """Bundles of neurons [start, start+count) for each run, one pread per run; returns float32
         gate/up/down rows (n, n_embd) in run order (the reference the C++ runtime is tested against)."""
-        n_ff = self.n_ff[il]
+        n_ff, bb = self.n_ff[il], self.layer_bundle_bytes[il]
         chunks = []
         with open(self.path, "rb", buffering=0) as f:
             for start, count in runs:
                 if start < 0 or count <= 0 or start + count > n_ff:
                     raise ValueError(f"run ({start}, {count}) outside layer {il}'s {n_ff} neurons")
-                want = count * self.bundle_bytes
-                data = os.pread(f.fileno(), want, self.bundle_offsets[il] + start * self.bundle_bytes)
+                want = count * bb
+                data = os.pread(f.fileno(), want, self.bundle_offsets[il] + start * bb)
                 if len(data) != want:
                     raise RippleError(f"{self.path}: short read in layer {il}; the pack is truncated — "
                                       + REBUILD.format(gguf=self.gguf_path))
-                chunks.append(np.frombuffer(data, dtype=np.uint8).reshape(count, self.bundle_bytes))
+                chunks.append(np.frombuffer(data, dtype=np.uint8).reshape(count, bb))
         raw = np.concatenate(chunks, axis=0)
-        rb = self.row_bytes
-        names = ("gate", "up", "down") if self.has_gate else ("up", "down")
-        out = {}
-        for k, name in enumerate(names):
-            rows = np.ascontiguousarray(raw[:, k * rb:(k + 1) * rb])
-            out[name] = gguf.quants.dequantize(rows, self.weight_type).reshape(len(raw), self.n_embd).astype(np.float32)
+        out, at = {}, 0
+        for name, qt in self.part_types[il].items():
+            rb = row_bytes(qt, self.n_embd)
+            out[name] = ggml_quant.dequantize(raw[:, at:at + rb], qt, self.n_embd)
+            at += rb
         return out
+
+
+def _type_array(r: GGUFHeader, key: str, n_layer: int) -> list[QT] | None:
+    v = kv_array(r, key)
+    if v is None or len(v) != n_layer:
+        return None
+    try:
+        return [QT(int(x)) for x in v]
+    except ValueError:
+        return None
 
 
 def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None = None) -> Pack:
@@ -237,17 +307,31 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
         raise RippleError(f"{path} was built for a different GGUF than {gguf_path.name} "
                           f"(built for {kv(r, 'ripple.pack.gguf_name')!r}); {fix}")
     layout = read_ffn_layout(greader)
+    gt = {t.name: QT(t.tensor_type) for t in greader.tensors}
     n_layer = int(kv(r, "ripple.pack.n_layer", -1))
     n_embd = int(kv(r, "ripple.pack.n_embd", -1))
     n_ff_arr = kv_array(r, "ripple.pack.n_ff")
     n_ff = [] if n_ff_arr is None else [int(v) for v in n_ff_arr]
-    type_id = kv(r, "ripple.pack.weight_type", -1)
-    qtype = QT(type_id) if type_id in {int(q) for q in PACK_TYPES} else None
     has_gate = bool(kv(r, "ripple.pack.has_gate", False))
-    rb, bb = int(kv(r, "ripple.pack.row_bytes", -1)), int(kv(r, "ripple.pack.bundle_bytes", -1))
-    if (n_layer != layout.n_layer or n_embd != layout.n_embd or n_ff != layout.n_ff or qtype is None
-            or has_gate != layout.has_gate or rb != row_bytes(qtype, n_embd) or bb != rb * (3 if has_gate else 2)):
-        raise RippleError(f"{path}: header does not describe {gguf_path.name}'s FFN; {fix}")
+    bad = RippleError(f"{path}: header does not describe {gguf_path.name}'s FFN; {fix}")
+    if n_layer != layout.n_layer or n_embd != layout.n_embd or n_ff != layout.n_ff or has_gate != layout.has_gate:
+        raise bad
+    kinds = ("gate", "up") if has_gate else ("up",)
+    types = {k: _type_array(r, f"ripple.pack.{k}_type", n_layer) for k in (*kinds, "down", "down_source")}
+    bb = kv_array(r, "ripple.pack.bundle_bytes")
+    rel = kv_array(r, "ripple.pack.down_rel_rms")
+    if any(v is None for v in types.values()) or bb is None or len(bb) != n_layer or rel is None or len(rel) != n_layer:
+        raise bad
+    part_types = []
+    for il in range(n_layer):
+        parts = {k: types[k][il] for k in (*kinds, "down")}
+        # gate/up are the GGUF's rows as stored; down follows from the GGUF's down type
+        if (any(parts[k] != gt.get(f"blk.{il}.ffn_{k}.weight") for k in kinds)
+                or types["down_source"][il] != gt.get(f"blk.{il}.ffn_down.weight")
+                or parts["down"] != ggml_quant.fallback_type(types["down_source"][il], n_embd)
+                or int(bb[il]) != sum(row_bytes(q, n_embd) for q in parts.values())):
+            raise bad
+        part_types.append(parts)
     tensors = {t.name: t for t in r.tensors}
     offsets, preds = [], []
     thresholds = kv_array(r, "ripple.pack.pred_threshold")
@@ -261,7 +345,7 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
             if tt is None or tt.tensor_type != qt or tuple(int(s) for s in reversed(tt.shape)) != shape:
                 raise RippleError(f"{path}: tensor blk.{il}.{name} missing or malformed; {fix}")
             return tt
-        b = t("ffn_bundles", (n_ff[il], bb), QT.I8)
+        b = t("ffn_bundles", (n_ff[il], int(bb[il])), QT.I8)
         if int(b.data_offset) % PACK_ALIGN:
             raise RippleError(f"{path}: layer {il} bundles are not 4096-aligned; {fix}")
         offsets.append(int(b.data_offset))
@@ -277,7 +361,8 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
         if v is not None:
             stats[k] = v.astype(np.float64)
     groups = [kv_array(r, f"ripple.blk.{il}.group_starts") for il in range(n_layer)]
-    return Pack(path, gguf_path, n_layer, n_embd, n_ff, has_gate, qtype, rb, bb, offsets, preds,
+    return Pack(path, gguf_path, n_layer, n_embd, n_ff, has_gate, part_types, types["down_source"],
+                rel.astype(np.float64), [int(v) for v in bb], offsets, preds,
                 act_threshold.astype(np.float32), str(kv(r, "ripple.pack.activation", "")),
                 float(kv(r, "ripple.pack.target_recall", 0.0)), int(kv(r, "ripple.pack.train_tokens", 0)),
                 int(kv(r, "ripple.pack.eval.tokens", 0)), stats, groups, size)

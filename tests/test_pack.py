@@ -32,7 +32,7 @@ def test_bundles_round_trip_to_gguf_tensors(converted, model, outtype):
     pk = open_pack(path)
     reader = GGUFReader(path)
     rng = np.random.default_rng(0)
-    assert pk.weight_type.name == outtype.upper()
+    assert pk.type_label == outtype.upper()
     for il in range(pk.n_layer):
         assert pk.bundle_offsets[il] % PACK_ALIGN == 0
         n = pk.n_ff[il]
@@ -45,7 +45,10 @@ def test_bundles_round_trip_to_gguf_tensors(converted, model, outtype):
             np.testing.assert_array_equal(got["gate"], ffn(reader, il, "ffn_gate")[idx])
         down = ffn(reader, il, "ffn_down")[:, idx].T
         err = np.sqrt(((got["down"] - down) ** 2).mean() / (down ** 2).mean())
-        assert err <= DOWN_REQUANT_RMS[pk.weight_type.name], err
+        assert err <= DOWN_REQUANT_RMS[pk.type_label], err
+        # the pack states its own error (over the whole layer); a sample of 5 runs lands near it
+        assert pk.down_rel_rms[il] <= DOWN_REQUANT_RMS[pk.type_label]
+        assert (pk.down_rel_rms[il] == 0) == (err == 0)
 
 
 @pytest.mark.parametrize("model", FIXTURES)
@@ -67,6 +70,35 @@ def test_inspect_reports_pack_and_predictor_on_unseen_text(converted, model):
         # the target is recall >= 0.95 at <= 2x the true density; a layer that misses it must say so
         meets = mr >= pk["target_recall"] - 0.005 and pd <= 2 * td
         assert meets == ("misses" not in on_text[il]), on_text[il]
+
+
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q4_1", "iq4_nl"])
+def test_mixed_type_pack_holds_each_part_in_its_own_type(converted, tmp_path, ftype):
+    """A llama.cpp K-quant mix (gate/up fall back to Q5_0 at n_embd 128, down Q4_K/Q6_K by layer) and
+    other types: gate/up records are the GGUF's rows byte for byte; down rows are re-quantized in
+    the down type or llama.cpp's fallback for a 128-long row, within the error the pack states."""
+    from ripple_gguf import ggml_quant
+    from ripple_gguf.llama_quantize import quantize_gguf
+    g = tmp_path / f"m-{ftype}.gguf"
+    quantize_gguf(converted("tiny-llama-swiglu", "f16"), g, ftype)  # copies the ripple.* index
+    run_cli("pack", g, "--calib", CALIB, "--calib-tokens", 4096, check=True)
+    pk = open_pack(g)
+    reader = GGUFReader(g)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    for il in range(pk.n_layer):
+        parts = pk.part_types[il]
+        assert parts["up"] == types[f"blk.{il}.ffn_up.weight"] and parts["gate"] == types[f"blk.{il}.ffn_gate.weight"]
+        src = types[f"blk.{il}.ffn_down.weight"]
+        assert pk.down_source_type[il] == src and parts["down"] == ggml_quant.fallback_type(src, pk.n_embd)
+        got = pk.read_runs(il, [(0, pk.n_ff[il])])
+        np.testing.assert_array_equal(got["up"], ffn(reader, il, "ffn_up"))
+        np.testing.assert_array_equal(got["gate"], ffn(reader, il, "ffn_gate"))
+        down = ffn(reader, il, "ffn_down").T
+        err = ggml_quant.relative_rms(down, got["down"])
+        assert abs(err - pk.down_rel_rms[il]) < 1e-4 and 0 < err < 0.12, (il, parts, err)
+    if ftype == "q4_k_m":
+        assert len({q for t in pk.part_types for q in t.values()}) > 1  # really a mix
+        print(f"q4_k_m fixture pack: {pk.type_label}; down rel RMS {np.round(pk.down_rel_rms, 4).tolist()}")
 
 
 def copy_converted(src, tmp_path, with_pack=True):
