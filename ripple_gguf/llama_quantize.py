@@ -25,6 +25,8 @@ _BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5
 def quantize_gguf(src: Path, dst: Path, ftype: str, allow_requantize: bool = False, desc: str | None = None) -> None:
     """Write `dst` = `src` quantized to the llama.cpp file type `ftype` (e.g. "q4_k_m")."""
     import llama_cpp
+    from llama_cpp._logger import set_verbose
+    set_verbose(False)  # llama.cpp logs every tensor at INFO; errors still reach stderr
     if ftype not in FTYPES:
         raise RippleError(f"unknown quantization {ftype!r}; choose one of {', '.join(FTYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
