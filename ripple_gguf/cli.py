@@ -53,6 +53,14 @@ def _cmd_inspect(args) -> dict:
     return info
 
 
+def _cmd_verify(args) -> dict:
+    from .verify import format_result, verify
+    result = verify(args.gguf, args.pack)
+    if not args.json:
+        print(format_result(result))
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ripple-gguf", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure reads/token on this text through llama.cpp (repeatable)")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_inspect)
+
+    v = sub.add_parser("verify", help="check a converted GGUF and its pack in full: headers, binding, every checksum")
+    v.add_argument("gguf")
+    v.add_argument("--pack", metavar="FILE", help="pack path (default: OUT.ripple next to the GGUF)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=_cmd_verify)
     from .run_cli import register; register(sub)
     from . import bench_cli; bench_cli.register(sub)
     return p

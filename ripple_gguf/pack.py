@@ -17,16 +17,19 @@ import gguf
 from gguf import GGMLQuantizationType as QT, GGUFWriter
 
 from . import ggml_quant
+from .checksum import record_sums, ripple_sum
 from .errors import RippleError
 from .gguf_header import GGUFHeader, HeaderError
 from .gguf_io import FfnLayout, add_ripple_kv, kv, kv_array, open_header, read_ffn_layout
 from .predictor import LayerPredictor
 
-PACK_VERSION = 2  # 2: per-layer, per-part row types (any ggml type)
+PACK_VERSION = 2  # 2: per-layer, per-part row types (any ggml type), checksums
 PACK_ARCH = "ripple_pack"
 PACK_ALIGN = 4096
 _EDGE = 64 * 1024
 REBUILD = "rebuild it with `ripple-gguf pack {gguf}`"
+HEADER_SUM = "header_sum"  # tensor holding the checksum of the pack's header (last in the file)
+PRED_PARTS = ("pred_w1", "pred_b1", "pred_w2", "pred_b2")
 
 
 def pack_path_for(gguf_path: str | os.PathLike) -> Path:
@@ -38,23 +41,54 @@ def row_bytes(qtype: QT, n: int) -> int:
     return n // block * size
 
 
-def gguf_binding(header: GGUFHeader) -> str:
-    """Hash of what makes a GGUF *this* model in *this* order (see FORMAT.md, Binding); reads only
-    the hashed bytes (each ripple.* KV entry as stored, the edges of each FFN tensor)."""
-    h = hashlib.sha256(b"ripple-pack-binding-v1")
-    ffn = []
+def _binding_parts(header: GGUFHeader, lines: Callable) -> list[bytes]:
+    parts, ffn = [], []
     for t in header.tensors:
-        h.update(f"{t.name}|{int(t.tensor_type)}|{tuple(int(s) for s in t.shape)}|{int(t.data_offset)}|{int(t.n_bytes)}\n".encode())
+        parts.append(lines(t).encode())
         if ".ffn_" in t.name:
             ffn.append(t)
     for field in header.fields.values():
         if field.name.startswith("ripple."):
-            h.update(header.raw(field.start, field.end))
+            parts.append(header.raw(field.start, field.end))
     for t in ffn:
         lo, hi = int(t.data_offset), int(t.data_offset) + int(t.n_bytes)
-        h.update(header.raw(lo, min(hi, lo + _EDGE)))
-        h.update(header.raw(max(lo, hi - _EDGE), hi))
+        parts.append(header.raw(lo, min(hi, lo + _EDGE)))
+        parts.append(header.raw(max(lo, hi - _EDGE), hi))
+    return parts
+
+
+def _sha_line(t) -> str:
+    return f"{t.name}|{int(t.tensor_type)}|{tuple(int(s) for s in t.shape)}|{int(t.data_offset)}|{int(t.n_bytes)}\n"
+
+
+def _sum_line(t) -> str:
+    ne = [int(s) for s in t.shape] + [1] * (4 - len(t.shape))
+    return f"{t.name}|{int(t.tensor_type)}|{','.join(map(str, ne))}|{int(t.data_offset)}|{int(t.n_bytes)}\n"
+
+
+def gguf_binding(header: GGUFHeader) -> str:
+    """Hash of what makes a GGUF *this* model in *this* order (see FORMAT.md, Binding); reads only
+    the hashed bytes (each ripple.* KV entry as stored, the edges of each FFN tensor)."""
+    h = hashlib.sha256(b"ripple-pack-binding-v1")
+    for part in _binding_parts(header, _sha_line):
+        h.update(part)
     return h.hexdigest()
+
+
+def gguf_binding_sum(header: GGUFHeader) -> int:
+    """The same binding as a ripple_sum the C++ runtime recomputes at attach (FORMAT.md, Binding):
+    tensor lines with all four ne, so they follow from what llama.cpp's GGUF reader exposes."""
+    parts = [b"ripple-pack-binding-sum-v1"] + _binding_parts(header, _sum_line)
+    return ripple_sum(b"".join(parts))
+
+
+def header_sum(path: Path, data_start: int) -> int:
+    """Checksum of a pack's header (magic, KV, tensor infos, padding: bytes [0, data_start))."""
+    with open(path, "rb") as f:
+        data = f.read(data_start)
+    if len(data) != data_start:
+        raise RippleError(f"{path} is truncated (header)")
+    return ripple_sum(data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,15 +198,23 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
     # then patched in place, so layers stream through one at a time
     items["ripple.pack.down_rel_rms"] = np.zeros(layout.n_layer, dtype=np.float32)
     errors = np.zeros(layout.n_layer, dtype=np.float32)
+    pred_arrays = [(p.w1.astype(np.float16), p.b1.astype(np.float32), p.w2.astype(np.float16), p.b2.astype(np.float32))
+                   for p in predictors]
+    pred_sums = [ripple_sum(a, (k, il)) for il, arrs in enumerate(pred_arrays) for k, a in enumerate(arrs)]
     try:
         add_ripple_kv(writer, items)
+        # checksums (FORMAT.md "Checksums"): u64 values written as such whatever their size
+        writer.add_uint64("ripple.pack.binding_sum", gguf_binding_sum(header))
+        writer.add_key_value("ripple.pack.pred_sums", pred_sums, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT64)
         for il, p in enumerate(predictors):
             n_ff = layout.n_ff[il]
             writer.add_tensor_info(f"blk.{il}.ffn_bundles", (n_ff, bundle[il]), np.dtype(np.int8), n_ff * bundle[il], QT.I8)
+            writer.add_tensor_info(f"blk.{il}.ffn_bundle_sums", (n_ff,), np.dtype(np.int64), n_ff * 8, QT.I64)
             writer.add_tensor_info(f"blk.{il}.pred_w1", p.w1.shape, np.dtype(np.float16), p.w1.size * 2, QT.F16)
             writer.add_tensor_info(f"blk.{il}.pred_b1", p.b1.shape, np.dtype(np.float32), p.b1.size * 4, QT.F32)
             writer.add_tensor_info(f"blk.{il}.pred_w2", p.w2.shape, np.dtype(np.float16), p.w2.size * 2, QT.F16)
             writer.add_tensor_info(f"blk.{il}.pred_b2", p.b2.shape, np.dtype(np.float32), p.b2.size * 4, QT.F32)
+        writer.add_tensor_info(HEADER_SUM, (1,), np.dtype(np.int64), 8, QT.I64)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -181,19 +223,26 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
             assert rows.shape == (layout.n_ff[il], bundle[il]) and info["down"] == types["down"][il], (rows.shape, info)
             errors[il] = info["down_rel_rms"]
             writer.write_tensor_data(rows.view(np.int8))
+            writer.write_tensor_data(record_sums(rows, 0, il).view(np.int64))
             del rows
-            writer.write_tensor_data(p.w1.astype(np.float16))
-            writer.write_tensor_data(p.b1.astype(np.float32))
-            writer.write_tensor_data(p.w2.astype(np.float16))
-            writer.write_tensor_data(p.b2.astype(np.float32))
+            for a in pred_arrays[il]:
+                writer.write_tensor_data(a)
             if progress:
                 progress(1)
+        writer.write_tensor_data(np.zeros(1, dtype=np.int64))  # header_sum, patched below
     finally:
         writer.close()
-    field = GGUFHeader(out).fields["ripple.pack.down_rel_rms"]
+    written = GGUFHeader(out)
+    field = written.fields["ripple.pack.down_rel_rms"]
     with open(out, "r+b") as f:
         f.seek(field.end - errors.nbytes)
         f.write(errors.astype("<f4").tobytes())
+    # last: the header checksum covers every KV value, the patched down_rel_rms included
+    hs = next(t for t in written.tensors if t.name == HEADER_SUM)
+    value = header_sum(out, written.data_start)
+    with open(out, "r+b") as f:
+        f.seek(hs.data_offset)
+        f.write(np.array([value], dtype="<u8").tobytes())
     return {"types": {k: [q.name for q in v] for k, v in types.items()}, "down_rel_rms": errors.tolist()}
 
 
@@ -222,6 +271,7 @@ class Pack:
     stats: dict[str, np.ndarray]
     group_starts: list[np.ndarray]
     file_bytes: int
+    sum_offsets: list[int] = None    # absolute file offset of each layer's record checksums (u64[n_ff])
 
     @property
     def predictor_bytes(self) -> int:
@@ -260,7 +310,12 @@ class Pack:
                 if len(data) != want:
                     raise RippleError(f"{self.path}: short read in layer {il}; the pack is truncated — "
                                       + REBUILD.format(gguf=self.gguf_path))
-                chunks.append(np.frombuffer(data, dtype=np.uint8).reshape(count, bb))
+                rec = np.frombuffer(data, dtype=np.uint8).reshape(count, bb)
+                sums = os.pread(f.fileno(), count * 8, self.sum_offsets[il] + start * 8)
+                if len(sums) != count * 8 or (record_sums(rec, start, il) != np.frombuffer(sums, "<u8")).any():
+                    raise RippleError(f"{self.path}: layer {il} bundles are damaged (checksum mismatch near record "
+                                      f"{start}); " + REBUILD.format(gguf=self.gguf_path))
+                chunks.append(rec)
         raw = np.concatenate(chunks, axis=0)
         out, at = {}, 0
         for name, qt in self.part_types[il].items():
@@ -294,14 +349,17 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
         r = GGUFHeader(path)
     except (HeaderError, OSError, UnicodeDecodeError) as e:
         raise RippleError(f"{path} is truncated or not a ripple pack ({str(e).splitlines()[0] if str(e) else type(e).__name__}); {fix}") from None
+    for t in r.tensors:
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise RippleError(f"{path} is truncated ({t.name} ends past the end of the file); {fix}")
+    check_header_sum(r, path, fix)
     if kv(r, "general.architecture") != PACK_ARCH:
         raise RippleError(f"{path} is not a ripple pack; {fix}")
     version = kv(r, "ripple.pack.format_version")
     if version != PACK_VERSION:
         raise RippleError(f"{path} has pack format {version}, this version reads {PACK_VERSION}; {fix}")
-    for t in r.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size:
-            raise RippleError(f"{path} is truncated ({t.name} ends past the end of the file); {fix}")
+    if not any(t.name == HEADER_SUM for t in r.tensors):
+        raise RippleError(f"{path} has no checksums (written by an earlier version); {fix}")
     greader = open_header(gguf_path)
     if kv(r, "ripple.pack.binding") != gguf_binding(greader):
         raise RippleError(f"{path} was built for a different GGUF than {gguf_path.name} "
@@ -339,6 +397,11 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
     if thresholds is None or len(thresholds) != n_layer or act_threshold is None or len(act_threshold) != n_layer:
         raise RippleError(f"{path}: per-layer thresholds missing; {fix}")
     rank = int(kv(r, "ripple.pack.pred_rank", 0))
+    pred_sums = kv_array(r, "ripple.pack.pred_sums")
+    if (pred_sums is None or pred_sums.dtype != np.uint64 or len(pred_sums) != len(PRED_PARTS) * n_layer
+            or not isinstance(kv(r, "ripple.pack.binding_sum"), int)):
+        raise RippleError(f"{path}: checksum keys missing or malformed; {fix}")
+    sum_offsets = []
     for il in range(n_layer):
         def t(name, shape, qt):
             tt = tensors.get(f"blk.{il}.{name}")
@@ -349,8 +412,15 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
         if int(b.data_offset) % PACK_ALIGN:
             raise RippleError(f"{path}: layer {il} bundles are not 4096-aligned; {fix}")
         offsets.append(int(b.data_offset))
+        sum_offsets.append(int(t("ffn_bundle_sums", (n_ff[il],), QT.I64).data_offset))
+
         def arr(name, shape, qt):
-            return np.asarray(r.tensor_data(t(name, shape, qt)), dtype=np.float32)
+            tt = t(name, shape, qt)
+            raw = r.raw(tt.data_offset, tt.data_offset + tt.n_bytes)
+            if ripple_sum(raw, (PRED_PARTS.index(name), il)) != int(pred_sums[len(PRED_PARTS) * il + PRED_PARTS.index(name)]):
+                raise RippleError(f"{path}: layer {il} predictor ({name}) is damaged (checksum mismatch); {fix}")
+            dt = np.float16 if qt == QT.F16 else np.float32
+            return np.frombuffer(raw, dtype=dt).reshape(shape).astype(np.float32)
         p = LayerPredictor(arr("pred_w1", (rank, n_embd), QT.F16), arr("pred_b1", (rank,), QT.F32),
                            arr("pred_w2", (n_ff[il], rank), QT.F16), arr("pred_b2", (n_ff[il],), QT.F32),
                            float(thresholds[il]))
@@ -365,4 +435,40 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
                 rel.astype(np.float64), [int(v) for v in bb], offsets, preds,
                 act_threshold.astype(np.float32), str(kv(r, "ripple.pack.activation", "")),
                 float(kv(r, "ripple.pack.target_recall", 0.0)), int(kv(r, "ripple.pack.train_tokens", 0)),
-                int(kv(r, "ripple.pack.eval.tokens", 0)), stats, groups, size)
+                int(kv(r, "ripple.pack.eval.tokens", 0)), stats, groups, size, sum_offsets)
+
+
+def check_header_sum(r: GGUFHeader, path: Path, fix: str) -> None:
+    """Refuse a pack whose header (any KV value, any tensor info) does not match its checksum."""
+    hs = next((t for t in r.tensors if t.name == HEADER_SUM), None)
+    if hs is None:
+        return  # older packs: refused by the version/checksum checks with a clearer message
+    if hs.tensor_type != QT.I64 or int(hs.n_bytes) != 8:
+        raise RippleError(f"{path}: {HEADER_SUM} is malformed; {fix}")
+    stored = int(np.frombuffer(r.raw(hs.data_offset, hs.data_offset + 8), dtype="<u8")[0])
+    if stored != header_sum(path, r.data_start):
+        raise RippleError(f"{path}: header is damaged (checksum mismatch over its metadata and tensor table); {fix}")
+
+
+def verify_records(pack: Pack, il: int, chunk_bytes: int = 64 << 20) -> int | None:
+    """First record of layer il whose bytes do not match its checksum, or None (reads the whole table)."""
+    n_ff, bb = pack.n_ff[il], pack.layer_bundle_bytes[il]
+    with open(pack.path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        os.posix_fadvise(fd, pack.bundle_offsets[il], n_ff * bb, os.POSIX_FADV_SEQUENTIAL)
+        want = os.pread(fd, n_ff * 8, pack.sum_offsets[il])
+        if len(want) != n_ff * 8:
+            raise RippleError(f"{pack.path}: short read in layer {il}'s checksums (truncated?)")
+        sums = np.frombuffer(want, dtype="<u8")
+        step = max(1, chunk_bytes // bb)
+        for lo in range(0, n_ff, step):
+            n = min(step, n_ff - lo)
+            data = os.pread(fd, n * bb, pack.bundle_offsets[il] + lo * bb)
+            if len(data) != n * bb:
+                raise RippleError(f"{pack.path}: short read in layer {il}'s bundles (truncated?)")
+            got = record_sums(np.frombuffer(data, np.uint8).reshape(n, bb), lo, il)
+            bad = np.nonzero(got != sums[lo:lo + n])[0]
+            if len(bad):
+                return lo + int(bad[0])
+        os.posix_fadvise(fd, pack.bundle_offsets[il], n_ff * bb, os.POSIX_FADV_DONTNEED)
+    return None

@@ -138,8 +138,84 @@ def test_other_format_version_is_refused(converted, tmp_path):
     f.parts[f.data[0]][0] = 99
     r.data.flush()
     del r
-    with pytest.raises(RippleError, match="pack format 99.*ripple-gguf pack"):
+    with pytest.raises(RippleError, match="header is damaged.*ripple-gguf pack"):  # an edit is damage ...
         open_pack(g)
+    reseal(pack_path_for(g))
+    with pytest.raises(RippleError, match="pack format 99.*ripple-gguf pack"):  # ... a future writer is not
+        open_pack(g)
+
+
+def reseal(pack) -> None:
+    """Recompute a pack's header checksum after a deliberate header edit."""
+    from ripple_gguf.gguf_header import GGUFHeader
+    from ripple_gguf.pack import HEADER_SUM, header_sum
+    h = GGUFHeader(pack)
+    t = next(t for t in h.tensors if t.name == HEADER_SUM)
+    with open(pack, "r+b") as f:
+        f.seek(t.data_offset)
+        f.write(np.array([header_sum(pack, h.data_start)], dtype="<u8").tobytes())
+
+
+# --- checksums and `verify` -------------------------------------------------------------------------
+
+def flip(path, offset: int, mask: int = 0x10) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
+
+
+def test_checksums_match_the_spec_and_verify_passes(converted):
+    from ripple_gguf.checksum import record_sums, ripple_sum
+    path = converted("tiny-arcee-relu2", "q8_0")
+    pk = open_pack(path)
+    data = pack_path_for(path).read_bytes()
+
+    def spec(raw: bytes, tag) -> int:  # FORMAT.md, word by word
+        raw += b"\0" * (-len(raw) % 4)
+        w = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)] + list(tag)
+        return sum(w) % 2**32 | (sum((j + 1) * x for j, x in enumerate(w)) % 2**32) << 32
+    il, bb = 1, pk.layer_bundle_bytes[1]
+    rec = np.frombuffer(data, np.uint8, pk.n_ff[il] * bb, pk.bundle_offsets[il]).reshape(-1, bb)
+    stored = np.frombuffer(data, "<u8", pk.n_ff[il], pk.sum_offsets[il])
+    assert int(stored[7]) == spec(rec[7].tobytes(), (7, il)) == ripple_sum(rec[7].tobytes(), (7, il))
+    assert (record_sums(rec, 0, il) == stored).all()
+    proc = run_cli("verify", path, "--json", check=True)
+    r = json.loads(proc.stdout)
+    assert r["ok"] and r["records"] == sum(pk.n_ff) and r["bundle_bytes_checked"] == pk.ffn_pack_bytes
+    assert run_cli("verify", path).stdout.startswith("OK: ")
+
+
+def test_verify_names_the_damaged_layer(converted, tmp_path):
+    src = converted("tiny-llama-swiglu", "f16")
+    pk = open_pack(src)
+    from ripple_gguf.gguf_header import GGUFHeader
+    h = GGUFHeader(pack_path_for(src))
+    tensors = {t.name: t for t in h.tensors}
+    cases = {  # where the damage is -> what the one-line error must say
+        "bundle": (pk.bundle_offsets[2] + 5 * pk.layer_bundle_bytes[2] + 3, "layer 2 bundles are damaged"),
+        "bundle sums": (pk.sum_offsets[3] + 8 * 11 + 1, "layer 3 bundles are damaged"),
+        "predictor": (tensors["blk.1.pred_w2"].data_offset + 100, "layer 1 predictor"),
+        "threshold KV": (h.fields["ripple.pack.pred_threshold"].end - 2, "header is damaged"),
+        "tensor info": (h.fields["ripple.pack.eval.tokens"].end + 40, "header is damaged|truncated|malformed|not a"),
+    }
+    for what, (offset, message) in cases.items():
+        (tmp_path / what.replace(" ", "_")).mkdir()
+        g = copy_converted(src, tmp_path / what.replace(" ", "_"))
+        flip(pack_path_for(g), offset)
+        proc = run_cli("verify", g)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (what, proc.stderr)
+        import re
+        assert re.search(message, lines[0]), (what, lines[0])
+    # the GGUF side: a changed ripple index breaks the binding
+    (tmp_path / "gguf").mkdir()
+    g = copy_converted(src, tmp_path / "gguf")
+    hg = GGUFHeader(g)
+    flip(g, hg.fields["ripple.blk.0.act_freq"].end - 3)
+    proc = run_cli("verify", g)
+    assert proc.returncode == 1 and "different GGUF" in proc.stderr
 
 
 def test_pack_command_rebuilds_a_bound_pack(converted, tmp_path):
