@@ -339,45 +339,19 @@ def cmd_chat(args) -> dict:
 def cmd_serve(args) -> dict:
     try:
         import uvicorn
-        import llama_cpp
-        import llama_cpp.server.model as server_model
-        from llama_cpp.server.app import create_app
-        from llama_cpp.server.settings import ModelSettings, ServerSettings
+        from .serve import make_app
     except ImportError as e:
         raise RippleError(f"the server needs llama-cpp-python's server extras ({e.name} is missing); "
                           "re-run tools/setup.sh") from None
-    from .runtime import RippleLlama
     if args.host not in LOOPBACK:
-        print(f"warning: serving on {args.host}, reachable from other machines; there is no authentication "
-              "unless you pass --api-key", file=sys.stderr)
-    if not os.path.isfile(args.gguf):
-        raise RippleError(f"{args.gguf}: no such file; pass a converted .gguf")
-    model_settings = ModelSettings(model=args.gguf, model_alias=args.alias or os.path.basename(args.gguf),
-                                   n_ctx=_n_ctx(args), seed=args.seed, verbose=args.verbose,
-                                   chat_format=args.chat_format, **({"n_threads": args.threads,
-                                   "n_threads_batch": args.threads} if args.threads else {}))
-    server_settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key)
-    ripple_kw = _ripple_kwargs(args)
-
-    def make(**kw):  # what llama-cpp-python's server calls in place of llama_cpp.Llama
-        return RippleLlama(**kw, **ripple_kw)
-
-    original = llama_cpp.Llama
-    server_model.llama_cpp.Llama = make
-    try:
-        app = create_app(server_settings=server_settings, model_settings=[model_settings])
-    finally:
-        server_model.llama_cpp.Llama = original
-
-    @app.get("/ripple/stats")
-    def ripple_stats():  # runtime counters of the loaded model
-        import llama_cpp.server.app as server_app
-        proxy = server_app._llama_proxy
-        model = getattr(proxy, "_current_model", None)
-        return model.ripple_stats() if model is not None else {}
-
+        print(f"warning: serving on {args.host}, reachable from other machines"
+              + ("" if args.api_key else "; there is no authentication unless you pass --api-key"), file=sys.stderr)
+    kw = {"chat_format": args.chat_format} if args.chat_format else {}
+    # the loader re-verifies the pack: after a runtime error the model is reloaded from what is on disk now
+    app = make_app(lambda: load(args, prepare(args), **kw), args.alias or os.path.basename(args.gguf), args.api_key)
     print(f"serving {args.gguf} on http://{args.host}:{args.port}/v1 (OpenAI-compatible; "
-          f"runtime counters at /ripple/stats); Ctrl-C to stop", file=sys.stderr)
+          f"runtime counters at /ripple/stats{'; every route needs the API key' if args.api_key else ''}); "
+          "Ctrl-C to stop", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return {}
 
@@ -411,6 +385,7 @@ def register(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--alias", default=None, help="model name clients use (default: the file name)")
-    s.add_argument("--api-key", default=None, help="require this bearer token")
+    s.add_argument("--api-key", default=os.environ.get("RIPPLE_API_KEY"),
+                   help="require this bearer token on every route (default: $RIPPLE_API_KEY; none)")
     s.add_argument("--chat-format", default=None, help="llama-cpp-python chat format (default: the GGUF's template)")
     s.set_defaults(func=cmd_serve)

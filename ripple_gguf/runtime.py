@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import re
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,7 @@ _STAT_U64 = ("tokens", "layer_tokens", "reads", "bytes_read", "useful_bytes", "c
              "active_neurons", "total_neurons", "preload_reads", "preload_bytes", "cache_bytes", "cache_slots",
              "pinned_slots", "bundle_bytes", "ffn_bytes", "min_budget", "overhead_bytes", "merge_gap_bytes",
              "direct_io", "all_active", "error")
-_STAT_F64 = ("io_seconds", "t0_us", "bw_mbps")
+_STAT_F64 = ("io_seconds", "t0_us", "bw_mbps", "verify_seconds")
 
 
 class RippleStatsC(ctypes.Structure):
@@ -101,8 +102,11 @@ def ripple_lib():
         "llama_ripple_get_trace": ([vp, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64),
                                     ctypes.c_int64], ctypes.c_int64),
         "llama_ripple_detach": ([vp], ctypes.c_int32),
+        "llama_ripple_inject_fault": ([vp, ctypes.c_int64, ctypes.c_int32], ctypes.c_int32),  # test hook
     }
     for name, (args, res) in sig.items():
+        if name == "llama_ripple_inject_fault" and not hasattr(lib, name):
+            continue  # test hook, in libraries built from patches of this version on
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     _lib_cache = lib
@@ -173,6 +177,7 @@ class RippleLlama(llama_cpp.Llama):
                  threshold_offset: float = 0.0, warm_cache: bool = True, **kwargs):
         self.ripple_pack: Pack | None = None
         self.ripple_dense_reason: str | None = None
+        self._ripple_busy = threading.Lock()
         model_path = str(model_path)
         if not Path(model_path).is_file():
             raise RippleError(f"{model_path}: no such file; pass the path of a converted .gguf")
@@ -249,7 +254,17 @@ class RippleLlama(llama_cpp.Llama):
             raise RippleError(f"sparse FFN failed: {err}")
 
     def eval(self, tokens):
-        super().eval(tokens)
+        # one decode at a time per model (the runtime's neuron cache is the model's, not the context's)
+        if not self._ripple_busy.acquire(blocking=False):
+            raise RippleError("another decode is running on this model; RippleLlama is not thread-safe "
+                              "(serialize calls, or load one model per thread)")
+        try:
+            super().eval(tokens)
+        except RuntimeError:
+            self.check_ripple()  # a failed pack read makes llama_decode fail: say which file and why
+            raise
+        finally:
+            self._ripple_busy.release()
         self.check_ripple()
 
     def ripple_stats(self) -> dict:
