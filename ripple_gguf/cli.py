@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(msg: str) -> str:
+    """An error message as one printable line (names read from a damaged file can hold anything)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(msg.split("\n")))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .interrupt import install
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except RippleError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; no output file was written", file=sys.stderr)
