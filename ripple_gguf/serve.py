@@ -75,6 +75,8 @@ def make_app(load: Callable[[], object], alias: str, api_key: str | None = None)
 
     def prepared(body, exclude: set) -> tuple[object, dict]:
         llm = model()
+        if body.grammar is not None:
+            check_grammar(llm, body.grammar)
         kwargs = body.model_dump(exclude=exclude)
         prepare_request_resources(body, lambda _name: llm, None, kwargs)  # logit_bias, grammar, min_tokens
         return llm, kwargs
@@ -153,6 +155,16 @@ def make_app(load: Callable[[], object], alias: str, api_key: str | None = None)
 
     app.state.ripple = state
     return app
+
+
+def check_grammar(llm, grammar: str) -> None:
+    """ValueError for a GBNF grammar llama.cpp cannot parse. llama-cpp-python hands such a grammar on
+    as a NULL sampler, which crashes the process at the first token: a request must not do that."""
+    import llama_cpp
+    sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        raise ValueError("grammar: llama.cpp's GBNF parser refused it (see its rules in llama.cpp's grammars/README.md)")
+    llama_cpp.llama_sampler_free(sampler)
 
 
 class BackgroundServer:
