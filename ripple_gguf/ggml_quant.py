@@ -25,6 +25,14 @@ _FALLBACK = {
     QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.TQ1_0: QT.Q4_0, QT.TQ2_0: QT.Q4_0,
     QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0,
 }
+# the types ggml_quantize_chunk has a quantizer for (ggml/src/ggml.c); any other type reaches its
+# `default: assert(false)` and then aborts the process, so quantize() refuses it first
+_QUANTIZABLE = {QT[n] for n in (
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+    "Q6_K", "TQ1_0", "TQ2_0", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ3_S", "IQ2_S", "IQ1_S", "IQ1_M",
+    "IQ4_NL", "IQ4_XS", "Q1_0", "Q2_0", "NVFP4") if n in QT.__members__}
+if "Q2_0" in QT.__members__:
+    _FALLBACK[QT["Q2_0"]] = QT.Q4_0
 
 
 class _Traits(ctypes.Structure):
@@ -75,6 +83,11 @@ def row_bytes(qtype, n: int) -> int:
     return int(n // t.blck_size * t.type_size)
 
 
+def can_quantize(qtype) -> bool:
+    """Whether ggml has a quantizer for this type (it can dequantize more types than it can write)."""
+    return QT(qtype) in _QUANTIZABLE
+
+
 def requires_imatrix(qtype) -> bool:
     return bool(_ggml().ggml_quantize_requires_imatrix(int(qtype)))
 
@@ -84,10 +97,13 @@ def fallback_type(qtype, n_per_row: int, have_imatrix: bool = False) -> QT:
     where its block divides the row (and ggml can quantize it), else llama.cpp's fallback (F16 when
     even that does not fit)."""
     qtype = QT(qtype)
+
+    def unusable(t):
+        return not can_quantize(t) or n_per_row % block_size(t) or (requires_imatrix(t) and not have_imatrix)
     t = qtype
-    if n_per_row % block_size(t) or (requires_imatrix(t) and not have_imatrix):
+    if unusable(t):
         t = _FALLBACK.get(t, t)
-    if n_per_row % block_size(t) or (requires_imatrix(t) and not have_imatrix):
+    if unusable(t):
         t = QT.F16
     return t
 
@@ -132,6 +148,8 @@ def quantize(values: np.ndarray, qtype, imatrix: np.ndarray | None = None) -> np
     vals = np.ascontiguousarray(values, dtype=np.float32)
     n_rows, n = vals.shape
     rb = row_bytes(qtype, n)
+    if not can_quantize(qtype):
+        raise RippleError(f"ggml has no quantizer for {qtype.name}")
     if requires_imatrix(qtype) and imatrix is None:
         raise RippleError(f"ggml needs an importance matrix to quantize {qtype.name}")
     imat = None

@@ -102,23 +102,49 @@ def _raw_rows(path: Path, t, n_rows: int) -> np.ndarray:
     return np.memmap(path, np.uint8, "r", int(t.data_offset), (n_rows, int(t.n_bytes) // n_rows))
 
 
-def down_rows(path: Path, t, n_embd: int, n_ff: int) -> tuple[np.ndarray, QT, float]:
+DOWN_POLICIES = ("auto", "source")
+
+
+def _bits(qtype: QT) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return 8.0 * size / block
+
+
+def pack_down_type(src: QT, n_embd: int, policy: str = "auto") -> QT:
+    """The type a layer's down rows are packed in. They are re-quantized along n_embd (a second
+    rounding on top of the GGUF's), which on a real 4-5 bit model costs several times the model's
+    own quantization error, so "auto" writes at least Q8_0 (F16/BF16/F32 stay exact); "source" keeps
+    the GGUF's type (llama.cpp's fallback where n_embd does not fit its block); a type name forces it."""
+    src = QT(src)
+    if policy == "source":
+        return ggml_quant.fallback_type(src, n_embd)
+    if policy == "auto":
+        t = ggml_quant.fallback_type(src, n_embd)
+        return t if _bits(t) >= _bits(QT.Q8_0) else ggml_quant.fallback_type(QT.Q8_0, n_embd)
+    try:
+        t = QT[policy.upper()]
+    except KeyError:
+        raise RippleError(f"unknown down type {policy!r}; use auto, source or a ggml type such as q8_0 or f16") from None
+    if not ggml_quant.can_quantize(t) or n_embd % ggml_quant.block_size(t) or ggml_quant.requires_imatrix(t):
+        raise RippleError(f"down rows cannot be written as {t.name} for n_embd {n_embd}; use q8_0 or f16")
+    return t
+
+
+def down_rows(path: Path, t, n_embd: int, n_ff: int, qtype: QT) -> tuple[np.ndarray, float]:
     """ffn_down (ggml {n_ff, n_embd}: a neuron is a column, blocks run along n_ff) as one row per
-    neuron: dequantized with ggml, transposed, re-quantized along n_embd with ggml's quantizer in the
-    GGUF's type or llama.cpp's fallback for that row length. Returns (rows, type, relative RMS
-    error of the rows against the GGUF's dequantized down)."""
+    neuron in `qtype`: dequantized with ggml, transposed, re-quantized along n_embd with ggml's
+    quantizer. Returns (rows, relative RMS error of the rows against the GGUF's dequantized down)."""
     src_type = QT(t.tensor_type)
     vals = ggml_quant.dequantize(_raw_rows(path, t, n_embd), src_type, n_ff)      # (n_embd, n_ff)
     cols = np.ascontiguousarray(vals.T)                                          # (n_ff, n_embd)
-    qtype = ggml_quant.fallback_type(src_type, n_embd)
     rows = ggml_quant.quantize(cols, qtype)
     err = 0.0
     if qtype not in (QT.F32,) and not (qtype == src_type and qtype in (QT.F16, QT.BF16)):
         err = ggml_quant.relative_rms(cols, ggml_quant.dequantize(rows, qtype, n_embd))
-    return rows, qtype, err
+    return rows, err
 
 
-def layer_bundles(path: Path, tensors: dict, layout: FfnLayout, il: int) -> tuple[np.ndarray, dict]:
+def layer_bundles(path: Path, tensors: dict, layout: FfnLayout, il: int, down_policy: str = "auto") -> tuple[np.ndarray, dict]:
     """Layer il's records (n_ff, bundle_bytes) and what they hold: {part: type, 'down_source':
     type, 'down_rel_rms': float}."""
     n_ff, n_embd = layout.n_ff[il], layout.n_embd
@@ -130,7 +156,8 @@ def layer_bundles(path: Path, tensors: dict, layout: FfnLayout, il: int) -> tupl
         parts.append(_raw_rows(path, t, n_ff))  # neuron i is row i: copied as stored
         info[part] = QT(t.tensor_type)
     t = tensors[f"blk.{il}.ffn_down.weight"]
-    rows, info["down"], info["down_rel_rms"] = down_rows(path, t, n_embd, n_ff)
+    info["down"] = pack_down_type(QT(t.tensor_type), n_embd, down_policy)
+    rows, info["down_rel_rms"] = down_rows(path, t, n_embd, n_ff, info["down"])
     info["down_source"] = QT(t.tensor_type)
     parts.append(rows)
     return np.ascontiguousarray(np.concatenate(parts, axis=1)), info
@@ -150,7 +177,7 @@ def check_pack_types(header: GGUFHeader, layout: FfnLayout) -> None:
 
 
 def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], stats: dict, meta: dict,
-               progress: Callable[[int], None] | None = None) -> dict:
+               progress: Callable[[int], None] | None = None, down_policy: str = "auto") -> dict:
     """Write the pack for `gguf_path` to `out` (callers pass a temporary name and rename). Returns
     what each layer's records hold (types, down requantization error)."""
     gguf_path = Path(gguf_path)
@@ -166,7 +193,7 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
             types[part].append(QT(tensors[f"blk.{il}.ffn_{part}.weight"].tensor_type))
         src = QT(tensors[f"blk.{il}.ffn_down.weight"].tensor_type)
         types["down_source"].append(src)
-        types["down"].append(ggml_quant.fallback_type(src, layout.n_embd))
+        types["down"].append(pack_down_type(src, layout.n_embd, down_policy))
     bundle = [sum(row_bytes(types[k][il], layout.n_embd) for k in (*kinds, "down")) for il in range(layout.n_layer)]
     writer = GGUFWriter(out, PACK_ARCH)
     writer.add_custom_alignment(PACK_ALIGN)
@@ -178,6 +205,7 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
         "ripple.pack.n_embd": layout.n_embd,
         "ripple.pack.n_ff": np.asarray(layout.n_ff, dtype=np.uint32),
         "ripple.pack.has_gate": layout.has_gate,
+        "ripple.pack.down_policy": down_policy,
         **{f"ripple.pack.{k}_type": np.asarray([int(q) for q in types[k]], dtype=np.uint32)
            for k in (*kinds, "down", "down_source")},
         "ripple.pack.bundle_bytes": np.asarray(bundle, dtype=np.uint32),
@@ -219,7 +247,7 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for il, p in enumerate(predictors):
-            rows, info = layer_bundles(gguf_path, tensors, layout, il)
+            rows, info = layer_bundles(gguf_path, tensors, layout, il, down_policy)
             assert rows.shape == (layout.n_ff[il], bundle[il]) and info["down"] == types["down"][il], (rows.shape, info)
             errors[il] = info["down_rel_rms"]
             writer.write_tensor_data(rows.view(np.int8))
@@ -325,6 +353,13 @@ class Pack:
         return out
 
 
+def _expected_down(src: QT, n_embd: int, policy: str) -> QT | None:
+    try:
+        return pack_down_type(src, n_embd, policy)
+    except RippleError:
+        return None
+
+
 def _type_array(r: GGUFHeader, key: str, n_layer: int) -> list[QT] | None:
     v = kv_array(r, key)
     if v is None or len(v) != n_layer:
@@ -375,6 +410,7 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
     if n_layer != layout.n_layer or n_embd != layout.n_embd or n_ff != layout.n_ff or has_gate != layout.has_gate:
         raise bad
     kinds = ("gate", "up") if has_gate else ("up",)
+    policy = str(kv(r, "ripple.pack.down_policy", "source"))
     types = {k: _type_array(r, f"ripple.pack.{k}_type", n_layer) for k in (*kinds, "down", "down_source")}
     bb = kv_array(r, "ripple.pack.bundle_bytes")
     rel = kv_array(r, "ripple.pack.down_rel_rms")
@@ -386,7 +422,7 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
         # gate/up are the GGUF's rows as stored; down follows from the GGUF's down type
         if (any(parts[k] != gt.get(f"blk.{il}.ffn_{k}.weight") for k in kinds)
                 or types["down_source"][il] != gt.get(f"blk.{il}.ffn_down.weight")
-                or parts["down"] != ggml_quant.fallback_type(types["down_source"][il], n_embd)
+                or parts["down"] != _expected_down(types["down_source"][il], n_embd, policy)
                 or int(bb[il]) != sum(row_bytes(q, n_embd) for q in parts.values())):
             raise bad
         part_types.append(parts)
