@@ -329,14 +329,22 @@ def load_unverified(path: Path, pack: Path) -> tuple[object, str]:
 
 
 def set_pack_keys(pack: Path, changes: list[tuple[str, int, int]]) -> None:
-    """Overwrite scalars (index 0) or array entries of a pack's KV in place."""
+    """Overwrite scalars (index 0) or array entries of a pack's KV in place, then recompute the
+    header checksum (an unsealed edit is refused as a damaged header before any of these checks)."""
     import gguf
+    from ripple_gguf.gguf_header import GGUFHeader
+    from ripple_gguf.pack import HEADER_SUM, header_sum
     r = gguf.GGUFReader(pack, "r+")
     for key, index, value in changes:
         f = r.fields[key]
         f.parts[f.data[index]][0] = value
     r.data.flush()
     del r
+    h = GGUFHeader(pack)
+    t = next(t for t in h.tensors if t.name == HEADER_SUM)
+    with open(pack, "r+b") as f:
+        f.seek(t.data_offset)
+        f.write(np.array([header_sum(pack, h.data_start)], dtype="<u8").tobytes())
 
 
 # the tiny q4_k_m pack: gate/up Q5_0 (88 bytes a row at n_embd 128), down Q5_0 or Q8_0 (136) by layer
