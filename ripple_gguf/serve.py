@@ -105,6 +105,12 @@ def make_app(load: Callable[[], object], alias: str, api_key: str | None = None)
 
     async def complete(call: Callable, body, exclude: set):
         state["requests"] += 1
+        if body.grammar is not None:  # before a stream starts: a bad grammar is a 400, not an event
+            async with lock:
+                try:
+                    await run_in_threadpool(lambda: check_grammar(model(), body.grammar))
+                except Exception as e:
+                    return failed(e)
         if body.stream:
             return sse(call, body, exclude)
         async with lock:
@@ -144,7 +150,8 @@ def make_app(load: Callable[[], object], alias: str, api_key: str | None = None)
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
         errs = exc.errors()
-        where = lambda e: ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"  # noqa: E731
+        where = lambda e: ("body (not valid JSON)" if e.get("type") == "json_invalid"  # noqa: E731
+                           else ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body")
         msg = "; ".join(f"{where(e)}: {e.get('msg', 'invalid')}" for e in errs[:3]) or "invalid request body"
         return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "code": 422}}, 422)
 

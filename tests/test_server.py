@@ -90,7 +90,8 @@ def test_malformed_requests_get_4xx_with_a_message(server):
         ("/v1/chat/completions", b"{not json", "JSON"),
         ("/v1/completions", {"prompt": ["a", "b"]}, "one prompt"),
         ("/v1/completions", {"prompt": "x " * 600, "max_tokens": 4}, "context"),
-        ("/v1/completions", {"prompt": "x", "grammar": "root ::= ("}, ""),
+        ("/v1/completions", {"prompt": "x", "grammar": "root ::= ("}, "grammar"),  # used to crash the server
+        ("/v1/chat/completions", {**CHAT, "stream": True, "grammar": "root ::= ("}, "grammar"),
     ]
     for path, body, words in cases:
         status, text = call(url + path, body)
