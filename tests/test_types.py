@@ -121,10 +121,13 @@ def f16_model(tmp_path_factory):
     return get
 
 
-def make_pack(path: Path) -> Path:
-    """The pack `ripple-gguf pack` writes, with small predictors (these tests run all neurons)."""
+def make_pack(path: Path, down_policy: str = "source") -> Path:
+    """The pack `ripple-gguf pack` writes, with small predictors (these tests run all neurons). Down
+    rows in the GGUF's own type ("source"; the default "auto" would make most of them Q8_0), so the
+    kernels meet every type."""
     from ripple_gguf.make_pack import PackOptions, build_pack
-    build_pack(path, PackOptions(calib=[str(CALIB)], calib_tokens=1024, rank=16, steps=30), log=lambda m: None)
+    build_pack(path, PackOptions(calib=[str(CALIB)], calib_tokens=1024, rank=16, steps=30, down_policy=down_policy),
+               log=lambda m: None)
     return pack_path_for(path)
 
 
