@@ -1,5 +1,6 @@
 """Time and memory of co-activation placement for one real-size layer (n_ff = 14336, Llama-3-8B /
 Mistral-7B), on synthetic activity with a hot set and co-active clusters. Prints one JSON line.
+(tools/bench_convert_stages.py compares placement and predictor training with a former revision.)
 
     .venv/bin/python tools/bench_placement.py [--n-ff 14336] [--tokens 8192]
 """
@@ -34,12 +35,12 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192)
     args = ap.parse_args()
     active = synthetic_activity(args.n_ff, args.tokens)
-    t = time.time()
+    t, c = time.perf_counter(), time.process_time()
     order = coactivation_order(active)
-    secs = time.time() - t
+    secs, cpu = time.perf_counter() - t, time.process_time() - c
     print(json.dumps({
         "n_ff": args.n_ff, "tokens": args.tokens, "density": round(float(active.mean()), 4),
-        "seconds_per_layer": round(secs, 1),
+        "seconds_per_layer": round(secs, 1), "cpu_seconds_per_layer": round(cpu, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "reads_per_token": {"coactivation": round(float(runs_per_token(active[:, order]).mean()), 1),
                             "frequency": round(float(runs_per_token(active[:, frequency_order(active)]).mean()), 1),
