@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 from tqdm import tqdm
 
 from .errors import RippleError
-from .interrupt import deferred
 
 MIN_CALIB_TOKENS = 256
 
@@ -28,31 +29,73 @@ def read_text_files(paths: list[str | Path], what: str = "calibration") -> str:
     return "\n\n".join(parts)
 
 
-def self_generated_tokens(model_path: Path, n_tokens: int, n_ctx: int, seed: int = 0) -> list[int]:
-    """Sample text from the model itself (temperature 0.8 from BOS): calibration that needs no data
-    at all, for fully offline conversion. Real text from the target domain is better (--calib)."""
-    from llama_cpp import Llama
-    with deferred():
-        llm = Llama(str(model_path), n_ctx=n_ctx, n_threads=None, seed=seed, verbose=False)
-    bos, eos = llm.token_bos(), llm.token_eos()
-    out: list[int] = []
-    bar = tqdm(total=n_tokens, desc="generating calibration text", unit="tok", leave=False)
-    seq_len = max(32, n_ctx - 2)
+GEN_SEQS = 32  # sequences sampled side by side: one batched decode step advances them all
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator, temp: float = 0.8, top_k: int = 40,
+           top_p: float = 0.95) -> np.ndarray:
+    """One token per row of (n, n_vocab) logits: temperature, top-k, then top-p (nucleus)."""
+    k = min(top_k, logits.shape[1])
+    idx = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    val = np.take_along_axis(logits, idx, axis=1).astype(np.float64) / temp
+    o = np.argsort(-val, axis=1)
+    idx, val = np.take_along_axis(idx, o, axis=1), np.take_along_axis(val, o, axis=1)
+    p = np.exp(val - val[:, :1])
+    p /= p.sum(axis=1, keepdims=True)
+    keep = (np.cumsum(p, axis=1) - p) < top_p  # the smallest prefix reaching top_p
+    p = np.where(keep, p, 0.0)
+    p /= p.sum(axis=1, keepdims=True)
+    u = rng.random((len(p), 1))
+    choice = np.minimum((np.cumsum(p, axis=1) < u).sum(axis=1), k - 1)
+    return idx[np.arange(len(idx)), choice]
+
+
+def generate_batches(runner, n_tokens: int, seed: int, sequences: list[list[int]],
+                     held_seqs: int = 0) -> Iterator[tuple[dict, dict, np.ndarray]]:
+    """Sample calibration text from the model itself, `runner.n_seq` sequences at a time (from BOS,
+    temperature 0.8, top-k 40, top-p 0.95; a sequence ends at an end-of-generation token or after
+    `runner.n_ctx` tokens and its slot starts a new one). Each decode step is also the profiling
+    pass: yields (captured FFN tensors, node names, held-out mask per row) for the tokens just
+    evaluated; the last `held_seqs` slots are held out. Finished token lists (BOS dropped) are
+    appended to `sequences`."""
+    import llama_cpp
+    rng = np.random.default_rng(seed)
+    n_seq, bos = runner.n_seq, runner.bos
+    cur: list[list[int]] = [[] for _ in range(n_seq)]
+    nxt = [bos] * n_seq
+    held = np.arange(n_seq) >= n_seq - held_seqs
+    done = 0
+    bar = tqdm(total=n_tokens, desc="generating + profiling calibration text", unit="tok", leave=False)
     try:
-        while len(out) < n_tokens:
-            seq = []
-            gen = llm.generate([bos], temp=0.8, top_k=40, top_p=0.95, reset=True)
-            while len(seq) < seq_len:
-                with deferred():
-                    tok = next(gen, eos)
-                if tok == eos:
-                    break
-                seq.append(tok)
-            if not seq:  # the model ended at once; try another sample
-                seq = [bos]
-            out.extend(seq)
-            bar.update(len(seq))
+        while done < n_tokens:
+            k = min(n_seq, n_tokens - done)
+            logits, captured, names = runner.step(nxt[:k], [len(c) for c in cur[:k]], list(range(k)))
+            yield captured, names, held[:k]
+            done += k
+            bar.update(k)
+            toks = sample(logits, rng)
+            for s in range(k):
+                cur[s].append(nxt[s])
+                tok = int(toks[s])
+                if llama_cpp.llama_vocab_is_eog(runner.vocab, tok) or len(cur[s]) >= runner.n_ctx:
+                    sequences.append(cur[s][1:])
+                    cur[s], nxt[s] = [], bos
+                    runner.clear_seq(s)
+                else:
+                    nxt[s] = tok
     finally:
         bar.close()
-        llm.close()
-    return out[:n_tokens]
+    sequences.extend(c[1:] for c in cur if len(c) > 1)
+
+
+def self_generated_tokens(model_path: Path, n_tokens: int, n_ctx: int, seed: int = 0) -> list[int]:
+    """Sample text from the model itself (see generate_batches): calibration that needs no data
+    at all, for fully offline conversion. Real text from the target domain is better (--calib)."""
+    from .llama_capture import LlamaRunner
+    sequences: list[list[int]] = []
+    n_seq = min(GEN_SEQS, max(1, n_tokens // 64))
+    seq_len = max(32, min(n_ctx, -(-n_tokens // n_seq)))
+    with LlamaRunner(model_path, n_ctx=seq_len, capture_intermediate=False, n_seq=n_seq) as runner:
+        for _ in generate_batches(runner, n_tokens, seed, sequences):
+            pass
+    return [t for seq in sequences for t in seq][:n_tokens]

@@ -10,15 +10,19 @@ from .errors import RippleError
 
 def _cmd_convert(args) -> dict:
     from .convert import ConvertOptions, convert
-    opts = ConvertOptions(outtype=args.outtype, calib=args.calib or [], placement=args.placement,
-                          calib_tokens=args.calib_tokens, target_density=args.target_density,
-                          n_ctx=args.ctx, seed=args.seed, pack=not args.no_pack,
-                          target_recall=args.target_recall)
-    summary = convert(args.src, args.output, opts, log=lambda m: print(m, file=sys.stderr))
+    opts = ConvertOptions(outtype=args.outtype, down_type=args.down_type, calib=args.calib or [],
+                          placement=args.placement, calib_tokens=args.calib_tokens,
+                          target_density=args.target_density, n_ctx=args.ctx, seed=args.seed,
+                          pack=not args.no_pack, target_recall=args.target_recall)
+    summary = convert(args.src, args.output, opts, log=lambda m: print(m, file=sys.stderr), file=args.file)
     if not args.json:
         rp = summary["reads_per_token"]
-        print(f"wrote {summary['output']} ({summary['bytes'] / 2**20:.1f} MiB, {summary['outtype']}, "
+        size = f"{summary['bytes'] / 2**20:.1f} MiB"
+        if summary["source_bytes"]:
+            size += f", {100 * summary['bytes'] / summary['source_bytes']:.1f}% of the source"
+        print(f"wrote {summary['output']} ({size}, {summary['outtype']}, "
               f"{summary['placement']} placement) in {summary['seconds']} s")
+        print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["stages"].items()))
         print(f"reads/token on {summary['heldout_tokens']} held-out tokens: {rp['stored']:.1f} stored order, "
               f"{rp['identity']:.1f} identity, {rp['frequency']:.1f} frequency "
               f"({summary['active_per_token']:.1f} active neurons/token)")
@@ -65,10 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ripple-gguf", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("convert", help="HF checkpoint -> GGUF with co-activation neuron placement")
-    c.add_argument("src", help="local HF checkpoint directory or hub repo id (org/name)")
+    c = sub.add_parser("convert", help="GGUF or HF checkpoint -> GGUF with co-activation neuron placement")
+    c.add_argument("src", help="a .gguf file (any llama.cpp types, kept), an HF checkpoint directory, a hub "
+                               "repo id (org/name), or a hub GGUF: org/name:FILE.gguf or org/name:Q4_K_M")
+    c.add_argument("file", nargs="?", help="GGUF file name inside the hub repo SRC (same as SRC:FILE)")
     c.add_argument("-o", "--output", required=True, help="output .gguf path")
-    c.add_argument("--outtype", default="f16", help="f32 | f16 | q8_0 | q4_0 (default f16)")
+    c.add_argument("--outtype", default=None,
+                   help="llama.cpp file type: f32 f16 bf16 q8_0 q6_k q5_k_m q5_k_s q5_1 q5_0 q4_k_m q4_k_s q4_1 "
+                        "q4_0 q3_k_l q3_k_m q3_k_s q2_k iq4_nl iq4_xs (default: f16 for a checkpoint; "
+                        "a GGUF keeps every tensor's type)")
+    c.add_argument("--down-type", default=None,
+                   help="write ffn_down in this type (f32 f16 bf16 q8_0 q6_k ...) instead of requantizing it "
+                        "to the source's: more accuracy, bigger file")
     c.add_argument("--calib", action="append", metavar="FILE",
                    help="calibration text (repeatable); default: text the model generates itself")
     c.add_argument("--placement", default="coactivation", help="coactivation | frequency | identity")

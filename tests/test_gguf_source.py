@@ -1,0 +1,195 @@
+"""`ripple-gguf convert X.gguf`: an existing GGUF of any llama.cpp type mix converts as it is.
+
+Every tensor keeps its type; gate/up rows move byte for byte; ffn_down is requantized with ggml's
+quantizer (its error stored in `ripple.down_rel_rms`); KV metadata, non-FFN tensors, alignment and
+tensor order stay byte-identical. Fast tests use the fixture models (a plain GGUF made by llama.cpp's
+converter + quantizer); slow ones the real SmolLM2-135M-Instruct (Q4_1 and a Q4_K_M mix).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from llama_cpp import Llama
+
+from ripple_gguf import ggml_quant
+from ripple_gguf.gguf_header import GGUFHeader
+from ripple_gguf.gguf_io import read_ffn_layout
+from ripple_gguf.index_keys import read_index
+
+from conftest import CALIB, HELDOUT, run_cli
+from test_convert import greedy_tokens
+
+MODEL = "tiny-llama-swiglu"
+# stated bound on the relative RMS error ffn_down requantization adds, per type family
+MAX_DOWN_ERR = {QT.F32: 0.0, QT.F16: 1e-3, QT.BF16: 5e-3,  # floats: rounding of a quantized source only
+                QT.Q8_0: 0.01, QT.Q6_K: 0.03, QT.Q5_0: 0.06,
+                QT.Q5_1: 0.06, QT.Q5_K: 0.06, QT.Q4_0: 0.12, QT.Q4_1: 0.12, QT.Q4_K: 0.12, QT.IQ4_NL: 0.12,
+                QT.IQ4_XS: 0.12, QT.Q3_K: 0.2, QT.Q2_K: 0.4}
+
+
+def header(path) -> tuple[GGUFHeader, dict]:
+    h = GGUFHeader(path)
+    return h, {t.name: t for t in h.tensors}
+
+
+def data(h: GGUFHeader, t) -> np.ndarray:
+    return np.fromfile(h.path, np.uint8, int(t.n_bytes), offset=int(t.data_offset))
+
+
+def check_permuted(src, out) -> dict:
+    """Everything the conversion promises about OUT vs SRC; returns per-layer down errors."""
+    hs, ts = header(src)
+    ho, to = header(out)
+    # KV: every non-ripple entry byte-identical, nothing else added outside ripple.*
+    keys_s = [k for k in hs.fields if not k.startswith("ripple.")]
+    keys_o = [k for k in ho.fields if not k.startswith("ripple.")]
+    assert sorted(keys_s) == sorted(keys_o)
+    for k in keys_s:
+        fs, fo = hs.fields[k], ho.fields[k]
+        assert hs.raw(fs.start, fs.end) == ho.raw(fo.start, fo.end), k
+    assert ho.alignment == hs.alignment
+    assert [t.name for t in hs.tensors] == [t.name for t in ho.tensors]  # order kept
+    layout = read_ffn_layout(ho)
+    index = read_index(ho, layout.n_ff)
+    assert index is not None and index.down_rel_rms is not None
+    errs = {}
+    for name, t in ts.items():
+        o = to[name]
+        assert o.shape == t.shape, name
+        parts = name.split(".")
+        if not name.startswith("blk.") or not parts[2].startswith("ffn_"):
+            assert o.tensor_type == t.tensor_type and np.array_equal(data(hs, t), data(ho, o)), name
+            continue
+        il, kind = int(parts[1]), parts[2]
+        order = index.orders[il]
+        if kind in ("ffn_gate", "ffn_up"):
+            assert o.tensor_type == t.tensor_type, name
+            n_ff = len(order)
+            np.testing.assert_array_equal(data(ho, o).reshape(n_ff, -1), data(hs, t).reshape(n_ff, -1)[order])
+        elif kind == "ffn_down" and parts[3] == "weight":
+            n_embd, n_ff = int(t.shape[1]), int(t.shape[0])
+            ref = ggml_quant.dequantize(data(hs, t).reshape(n_embd, -1), t.tensor_type, n_ff)[:, order]
+            got = ggml_quant.dequantize(data(ho, o).reshape(n_embd, -1), o.tensor_type, n_ff)
+            err = ggml_quant.relative_rms(ref, got)
+            assert index.down_source_type[il] == int(t.tensor_type)
+            assert abs(err - index.down_rel_rms[il]) <= 1e-4 + 1e-3 * err, (name, err, index.down_rel_rms[il])
+            assert err <= MAX_DOWN_ERR.get(QT(o.tensor_type), 0.5), (name, QT(o.tensor_type).name, err)
+            errs.setdefault(QT(o.tensor_type).name, []).append(err)
+    return errs
+
+
+@pytest.mark.parametrize("ftype", ["f16", "f32"])
+def test_float_gguf_converts_exactly(plain_gguf, converted_with, ftype):
+    src = plain_gguf(MODEL, ftype)
+    out = converted_with(src, "--no-pack")
+    errs = check_permuted(src, out)
+    assert all(e == 0.0 for v in errs.values() for e in v)
+    index = read_index(GGUFHeader(out), read_ffn_layout(GGUFHeader(out)).n_ff)
+    assert any(not np.array_equal(o, np.arange(len(o))) for o in index.orders)
+    assert greedy_tokens(out) == greedy_tokens(src)  # nothing requantized: same tokens
+
+
+@pytest.mark.parametrize("ftype", ["q8_0", "q4_0", "q4_1", "q5_1", "q4_k_m", "q3_k_m", "iq4_nl"])
+def test_quantized_gguf_keeps_every_type(plain_gguf, converted_with, ftype):
+    src = plain_gguf(MODEL, ftype)
+    out = converted_with(src, "--no-pack")
+    errs = check_permuted(src, out)
+    print(f"{ftype}: ffn_down requantization error " +
+          ", ".join(f"{k} {100 * np.mean(v):.2f}%" for k, v in errs.items()))
+    assert read_ffn_layout(GGUFHeader(out)).types == read_ffn_layout(GGUFHeader(src)).types
+    assert abs(out.stat().st_size - src.stat().st_size) <= 0.02 * src.stat().st_size
+    assert len(greedy_tokens(out, n=8)) == 8
+
+
+def test_down_type_option_writes_exact_down(plain_gguf, converted_with):
+    src = plain_gguf(MODEL, "q4_1")
+    out = converted_with(src, "--no-pack", "--down-type", "f16")
+    layout = read_ffn_layout(GGUFHeader(out))
+    assert set(layout.types["down"]) == {QT.F16}
+    assert set(layout.types["up"]) == set(read_ffn_layout(GGUFHeader(src)).types["up"])
+    errs = check_permuted(src, out)
+    assert max(max(v) for v in errs.values()) < 1e-3  # f16 rounding of Q4_1 values only
+    assert out.stat().st_size > src.stat().st_size
+
+
+def test_gguf_source_with_outtype_requantizes(plain_gguf, converted_with):
+    src = plain_gguf(MODEL, "q4_1")
+    out = converted_with(src, "--no-pack", "--outtype", "q8_0")
+    h = GGUFHeader(out)
+    types = read_ffn_layout(h).types
+    assert all(set(v) == {QT.Q8_0} for v in types.values())
+    assert read_index(h, read_ffn_layout(h).n_ff) is not None
+    assert len(greedy_tokens(out, n=8)) == 8
+
+
+def test_gguf_source_with_pack_and_inspect(plain_gguf, converted_with):
+    src = plain_gguf(MODEL, "q4_k_m")
+    proc = run_cli("convert", src, "-o", src.parent / "packed.gguf", "--calib", CALIB, "--calib-tokens", 4096,
+                   "--json", check=True)
+    summary = json.loads(proc.stdout)
+    assert summary["source_kind"] == "gguf" and summary["pack"] is not None
+    for stage in ("llama.cpp pass (profile + predictor data)", "ffn_down permute + requantize", "write GGUF",
+                  "predictors", "write pack"):
+        assert stage in summary["stages"], summary["stages"]
+    assert "llama.cpp pass (pack)" not in summary["stages"]  # one pass: the weights did not change
+    out = src.parent / "packed.gguf"
+    info = json.loads(run_cli("inspect", out, "--json", check=True).stdout)
+    assert info["ffn_types"]["down"] == [q.name for q in read_ffn_layout(GGUFHeader(src)).types["down"]]
+    assert len(info["ripple"]["down_rel_rms"]) == info["n_layer"]
+    assert info["ripple"]["pack"]["status"] == "bound to this GGUF"
+    text = run_cli("inspect", out, check=True).stdout
+    assert "ffn_down" in text and "requantization" in text and "relative RMS" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# the real model (slow)
+
+def stock_perplexity(path, max_chunks=None) -> float:
+    from ripple_gguf.run_cli import perplexity
+    llm = Llama(str(path), n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True, n_threads=2, seed=0, verbose=False)
+    try:
+        tokens = llm.tokenize(HELDOUT.read_text().encode(), add_bos=True, special=False)
+        ppl, _ = perplexity(llm, tokens, 512, llm.token_bos(), max_chunks)
+        return ppl
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["q4_1", "q4_k_m"])
+def test_smollm2_converts_from_its_gguf(smollm2, tmp_path, variant):
+    src = smollm2[variant]
+    out = tmp_path / f"smollm2-{variant}.gguf"
+    t0 = time.time()
+    proc = run_cli("convert", src, "-o", out, "--calib", CALIB, "--json", timeout=1800, check=True)
+    wall = time.time() - t0
+    s = json.loads(proc.stdout)
+    errs = check_permuted(src, out)
+    ppl_src, ppl_out = stock_perplexity(src), stock_perplexity(out)
+    ratio = out.stat().st_size / src.stat().st_size
+    print(f"SmolLM2 {variant}: {wall:.0f} s wall; stages " + ", ".join(f"{k} {v:.1f}s" for k, v in s["stages"].items()))
+    print(f"  size {src.stat().st_size / 2**20:.1f} -> {out.stat().st_size / 2**20:.1f} MiB ({100 * (ratio - 1):+.2f}%), "
+          f"perplexity on {HELDOUT.name} {ppl_src:.4f} -> {ppl_out:.4f} ({100 * (ppl_out / ppl_src - 1):+.2f}%)")
+    print("  ffn_down requantization error: " + ", ".join(f"{k} {100 * np.mean(v):.2f}% mean / {100 * max(v):.2f}% max"
+                                                          for k, v in errs.items()))
+    assert s["pack"] is not None and (out.with_suffix(".ripple")).is_file()
+    assert abs(ratio - 1) <= 0.02
+    assert ppl_out <= 1.01 * ppl_src
+    assert math.isfinite(ppl_out)
+
+
+@pytest.mark.slow
+def test_smollm2_f16_converts_exactly(smollm2, tmp_path):
+    from ripple_gguf.llama_quantize import quantize_gguf
+    src = tmp_path / "smollm2-f16.gguf"
+    quantize_gguf(smollm2["q4_1"], src, "f16", allow_requantize=True)
+    out = tmp_path / "smollm2-f16-ripple.gguf"
+    run_cli("convert", src, "-o", out, "--calib", CALIB, "--no-pack", timeout=1800, check=True)
+    errs = check_permuted(src, out)
+    assert all(e == 0.0 for v in errs.values() for e in v)
+    assert greedy_tokens(out, n=48) == greedy_tokens(src, n=48)
