@@ -136,7 +136,10 @@ def train_layer(x: np.ndarray, h: np.ndarray, act_threshold: float, rank: int, s
         order = torch.randperm(T, generator=g).numpy()
         X = torch.from_numpy(np.asarray(x[order])).float()
         mu = X[:4096].mean(0)  # only a normalisation (folded into W1 below): a sample is enough
-        sd = (X[:4096] - mu).square_().mean(0).sqrt_().clamp_min(1e-6)
+        sd = (X[:4096] - mu).square_().mean(0).sqrt_()
+        # relative floor: a near-constant input dimension (SmolLM2 layer 21: sd ~2e-5, its norm
+        # weight ~0) would put 1/sd into W1 when the normalisation is folded and overflow f16 -> NaN
+        sd = sd.clamp_min(max(1e-6, 1e-2 * float(sd.median())))
         Xn = X.sub_(mu).div_(sd).to(mm)
         del X
         # float16 weights halve the largest array (13k x 14336 at 8B size); small ones stay float32

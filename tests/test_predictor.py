@@ -62,3 +62,16 @@ def test_choose_rank_floor_and_budget():
     assert choose_rank(128, 512, 3 * 128 * 512 * 2) == 32           # tiny fixture: the floor binds
     r = choose_rank(4096, 14336, 3 * 4096 * 14336 * 2)              # f16 8B layer: ~5% of its bytes
     assert r % 8 == 0 and 2 * r * (4096 + 14336) <= 0.05 * 3 * 4096 * 14336 * 2
+
+
+def test_near_constant_input_dimension_keeps_scores_finite():
+    """SmolLM2 layer 21 has an FFN-input dimension with sd ~2e-5 (its norm weight ~0): folding 1/sd
+    into W1 overflowed f16 and every score became NaN (mass recall 0.000)."""
+    x, h, thr = swiglu_layer()
+    x[:, 3] = np.float16(0.37)
+    x[::2000, 3] = np.float16(0.3703)  # all but constant, as float16 recordings of it are
+    p = train_layer(x[:4000], h[:4000], thr, rank=32, seed=0)
+    assert np.isfinite(p.w1.astype(np.float16)).all() and np.isfinite(p.b1).all()
+    p.threshold = tune_threshold(p, x[4000:5000], h[4000:5000], thr, 0.95)
+    assert np.isfinite(p.scores(x[5000:])).all()
+    assert evaluate(p, x[5000:], h[5000:], thr)["mass_recall"] > 0.9
