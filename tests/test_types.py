@@ -229,7 +229,9 @@ def test_all_active_equals_dense_within_the_stated_down_error(typed, model, ftyp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["q4_1", "q4_k_m"])
+# the Q4_K_M mix only: Q4_1 rows are covered on the fixtures, and each SmolLM2 case is a full
+# convert (minutes on 2 cores) on top of the three in test_gguf_source: CI has 90 minutes in all
+@pytest.mark.parametrize("variant", ["q4_k_m"])
 def test_smollm2_all_active_equals_dense(smollm2, tmp_path, variant):
     """The real model as users have it (Q4_1 as shipped; a Q4_K_M mix of it), converted from its GGUF."""
     out = tmp_path / f"smollm2-{variant}.gguf"
