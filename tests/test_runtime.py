@@ -26,7 +26,7 @@ from ripple_gguf.errors import RippleError
 from ripple_gguf.pack import open_pack, pack_path_for
 from ripple_gguf.runtime import RippleLlama, parse_size, ripple_lib
 
-from conftest import CALIB, FIXTURES, HELDOUT, MODELS, ROOT, run_cli
+from conftest import CALIB, FIXTURES, HELDOUT, MODELS, ROOT, all_logits, prompts, run_cli
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 # Sparse (all neurons active) vs dense logits, as max |diff| / max |logit|. F32 is the same arithmetic
@@ -58,20 +58,6 @@ def packed(converted):
 
 
 # --- sparse == dense --------------------------------------------------------------------------------
-
-def prompts(llm, n=4, length=96) -> list[list[int]]:
-    text = HELDOUT.read_text()
-    return [llm.tokenize(text[k * 3000:k * 3000 + 1500].encode())[:length] for k in range(n)]
-
-
-def all_logits(llm, prompt_list) -> np.ndarray:
-    out = []
-    for toks in prompt_list:
-        llm.reset()
-        llm.eval(toks)
-        out.append(np.array(llm.scores[:len(toks)], dtype=np.float64))
-    return np.concatenate(out)
-
 
 def greedy(llm, toks, n=24) -> list[int]:
     return [int(t) for _, t in zip(range(n), llm.generate(toks, temp=0.0, top_k=1))]

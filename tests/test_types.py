@@ -37,7 +37,7 @@ from ripple_gguf.errors import RippleError
 from ripple_gguf.pack import open_pack, pack_path_for
 from ripple_gguf.runtime import RippleLlama, RippleStatsC, ripple_lib
 
-from conftest import CALIB, HELDOUT, MODELS, run_cli
+from conftest import CALIB, HELDOUT, MODELS, all_logits, prompts, run_cli
 
 KW = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
 # what dense's rounding of the FFN intermediate (and then of every later input) adds, by the
@@ -155,20 +155,6 @@ def typed(f16_model, tmp_path_factory):
 
 # --- running ---------------------------------------------------------------------------------------
 
-def prompts(llm, n=3, length=96) -> list[list[int]]:
-    text = HELDOUT.read_text()
-    return [llm.tokenize(text[k * 3000:k * 3000 + 1500].encode())[:length] for k in range(n)]
-
-
-def all_logits(llm, prompt_list) -> np.ndarray:
-    out = []
-    for toks in prompt_list:
-        llm.reset()
-        llm.eval(toks)
-        out.append(np.array(llm.scores[:len(toks)], dtype=np.float64))
-    return np.concatenate(out)
-
-
 def ffn_out0(path: Path, sparse: bool, tokens: list[int]) -> np.ndarray:
     """Layer 0's FFN output (node ffn_out-0) for `tokens`, dense or sparse with every neuron active."""
     import llama_cpp
@@ -246,7 +232,7 @@ def check_all_active_equals_dense(path: Path, model: str, label: str) -> None:
     kind = noise_kind(pk)
 
     dense = RippleLlama(path, dense=True, logits_all=True, **KW)
-    ps = prompts(dense)
+    ps = prompts(dense, n=3)
     ld = all_logits(dense, ps)
     dense.close()
     sparse = RippleLlama(path, all_active=True, logits_all=True, **KW)
