@@ -20,7 +20,7 @@ from . import ggml_quant
 from .checksum import record_sums, ripple_sum
 from .errors import RippleError
 from .gguf_header import GGUFHeader, HeaderError
-from .gguf_io import FfnLayout, add_ripple_kv, kv, kv_array, open_header, read_ffn_layout
+from .gguf_io import FfnLayout, add_ripple_kv, kv, kv_array, open_header, read_ffn_layout, tensor_bytes
 from .predictor import LayerPredictor
 
 PACK_VERSION = 2  # 2: per-layer, per-part row types (any ggml type), checksums
@@ -97,9 +97,9 @@ def header_sum(path: Path, data_start: int) -> int:
 PARTS = ("gate", "up", "down")
 
 
-def _raw_rows(path: Path, t, n_rows: int) -> np.ndarray:
+def _raw_rows(header: GGUFHeader, t, n_rows: int) -> np.ndarray:
     """A tensor's bytes as (n_rows, row_bytes) uint8, memory-mapped (read once, in order)."""
-    return np.memmap(path, np.uint8, "r", int(t.data_offset), (n_rows, int(t.n_bytes) // n_rows))
+    return tensor_bytes(header, t).reshape(n_rows, -1)
 
 
 DOWN_POLICIES = ("auto", "source")
@@ -130,12 +130,12 @@ def pack_down_type(src: QT, n_embd: int, policy: str = "auto") -> QT:
     return t
 
 
-def down_rows(path: Path, t, n_embd: int, n_ff: int, qtype: QT) -> tuple[np.ndarray, float]:
+def down_rows(header: GGUFHeader, t, n_embd: int, n_ff: int, qtype: QT) -> tuple[np.ndarray, float]:
     """ffn_down (ggml {n_ff, n_embd}: a neuron is a column, blocks run along n_ff) as one row per
     neuron in `qtype`: dequantized with ggml, transposed, re-quantized along n_embd with ggml's
     quantizer. Returns (rows, relative RMS error of the rows against the GGUF's dequantized down)."""
     src_type = QT(t.tensor_type)
-    vals = ggml_quant.dequantize(_raw_rows(path, t, n_embd), src_type, n_ff)      # (n_embd, n_ff)
+    vals = ggml_quant.dequantize(_raw_rows(header, t, n_embd), src_type, n_ff)      # (n_embd, n_ff)
     cols = np.ascontiguousarray(vals.T)                                          # (n_ff, n_embd)
     rows = ggml_quant.quantize(cols, qtype)
     err = 0.0
@@ -144,7 +144,7 @@ def down_rows(path: Path, t, n_embd: int, n_ff: int, qtype: QT) -> tuple[np.ndar
     return rows, err
 
 
-def layer_bundles(path: Path, tensors: dict, layout: FfnLayout, il: int, down_policy: str = "auto") -> tuple[np.ndarray, dict]:
+def layer_bundles(header: GGUFHeader, tensors: dict, layout: FfnLayout, il: int, down_policy: str = "auto") -> tuple[np.ndarray, dict]:
     """Layer il's records (n_ff, bundle_bytes) and what they hold: {part: type, 'down_source':
     type, 'down_rel_rms': float}."""
     n_ff, n_embd = layout.n_ff[il], layout.n_embd
@@ -153,11 +153,11 @@ def layer_bundles(path: Path, tensors: dict, layout: FfnLayout, il: int, down_po
         t = tensors.get(f"blk.{il}.ffn_{part}.weight")
         if t is None:
             continue
-        parts.append(_raw_rows(path, t, n_ff))  # neuron i is row i: copied as stored
+        parts.append(_raw_rows(header, t, n_ff))  # neuron i is row i: copied as stored
         info[part] = QT(t.tensor_type)
     t = tensors[f"blk.{il}.ffn_down.weight"]
     info["down"] = pack_down_type(QT(t.tensor_type), n_embd, down_policy)
-    rows, info["down_rel_rms"] = down_rows(path, t, n_embd, n_ff, info["down"])
+    rows, info["down_rel_rms"] = down_rows(header, t, n_embd, n_ff, info["down"])
     info["down_source"] = QT(t.tensor_type)
     parts.append(rows)
     return np.ascontiguousarray(np.concatenate(parts, axis=1)), info
@@ -247,7 +247,7 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for il, p in enumerate(predictors):
-            rows, info = layer_bundles(gguf_path, tensors, layout, il, down_policy)
+            rows, info = layer_bundles(header, tensors, layout, il, down_policy)
             assert rows.shape == (layout.n_ff[il], bundle[il]) and info["down"] == types["down"][il], (rows.shape, info)
             errors[il] = info["down_rel_rms"]
             writer.write_tensor_data(rows.view(np.int8))
