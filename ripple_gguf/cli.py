@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # an object the interrupt left half-built (e.g. a progress bar interrupted in its constructor)
+        # would print "Exception ignored ... Traceback" when collected: noise after a clean abort
+        sys.unraisablehook = lambda unraisable: None
         print("error: interrupted; no output file was written", file=sys.stderr)
         return 130
     except MemoryError:
