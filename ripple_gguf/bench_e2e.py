@@ -112,7 +112,7 @@ def _measure(a: dict, text: str) -> dict:
 
 
 def _perplexity(a: dict, text: str) -> dict:
-    from .run_cli import perplexity
+    from .perplexity import perplexity
     ctx = a["ctx"]
     llm = _load(a, ctx, logits_all=True, n_batch=ctx, n_ubatch=ctx)  # as `ripple-gguf eval` does
     tokens = llm.tokenize(text.encode(), add_bos=True, special=False)

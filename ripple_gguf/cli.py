@@ -7,13 +7,23 @@ import sys
 
 from .errors import RippleError
 
+DEFAULT_BUDGET = 0.02  # quality.DEFAULT_BUDGET (not imported: the CLI starts without numpy)
+
+
+def parse_budget(text: str) -> float:
+    from .quality import parse_budget as parse
+    try:
+        return parse(text)
+    except RippleError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
 
 def _cmd_convert(args) -> dict:
     from .convert import ConvertOptions, convert
     opts = ConvertOptions(outtype=args.outtype, down_type=args.down_type, calib=args.calib or [],
                           placement=args.placement, calib_tokens=args.calib_tokens,
                           target_density=args.target_density, n_ctx=args.ctx, seed=args.seed,
-                          pack=not args.no_pack, target_recall=args.target_recall)
+                          pack=not args.no_pack, max_ppl_increase=args.max_ppl_increase)
     summary = convert(args.src, args.output, opts, log=lambda m: print(m, file=sys.stderr), file=args.file)
     if not args.json:
         rp = summary["reads_per_token"]
@@ -37,11 +47,15 @@ def _print_pack_summary(p: dict) -> None:
     pl = p["per_layer"]
     print(f"predictor on {p['eval_tokens']} validation tokens: mass recall {min(pl['mass_recall']):.3f}-{max(pl['mass_recall']):.3f}, "
           f"predicted density {sum(pl['pred_density']) / len(pl['pred_density']):.3f} vs true {sum(pl['true_density']) / len(pl['true_density']):.3f}")
+    print("operating points (calibration text; `run --quality PCT` picks one at load time):")
+    for i, op in enumerate(p["operating_points"]):
+        mark = "  <- default" if i == p["default_point"] else ""
+        print(f"  density {op['density']:.3f}  perplexity {100 * op['ppl_increase']:+.2f}%{mark}")
 
 
 def _cmd_pack(args) -> dict:
     from .make_pack import PackOptions, build_pack
-    opts = PackOptions(calib=args.calib or [], calib_tokens=args.calib_tokens, target_recall=args.target_recall,
+    opts = PackOptions(calib=args.calib or [], calib_tokens=args.calib_tokens, max_ppl_increase=args.max_ppl_increase,
                        rank=args.rank, n_ctx=args.ctx, seed=args.seed)
     summary = build_pack(args.gguf, opts, log=lambda m: print(m, file=sys.stderr))
     if not args.json:
@@ -90,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ctx", type=int, default=512, help="tokens per calibration sequence (default 512)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--no-pack", action="store_true", help="do not write the OUT.ripple offload pack")
-    c.add_argument("--target-recall", type=float, default=0.95,
-                   help="predictor thresholds cover this share of the active mass (default 0.95)")
+    c.add_argument("--max-ppl-increase", type=parse_budget, default=DEFAULT_BUDGET, metavar="PCT",
+                   help="perplexity the default operating point may add on calibration text, e.g. 2%% (default); "
+                        "the pack stores several points, `run --quality` picks another at load time")
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     c.set_defaults(func=_cmd_convert)
 
@@ -100,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--calib", action="append", metavar="FILE",
                    help="calibration text (repeatable); default: text the model generates itself")
     k.add_argument("--calib-tokens", type=int, default=16384, help="tokens recorded (default 16384)")
-    k.add_argument("--target-recall", type=float, default=0.95)
+    k.add_argument("--max-ppl-increase", type=parse_budget, default=DEFAULT_BUDGET, metavar="PCT",
+                   help="perplexity budget of the default operating point (default 2%%)")
     k.add_argument("--rank", type=int, default=None, help="predictor width (default: within 5%% of FFN bytes)")
     k.add_argument("--ctx", type=int, default=512)
     k.add_argument("--seed", type=int, default=0)

@@ -30,7 +30,8 @@ from .hf_convert import check_checkpoint, hf_to_gguf, resolve_source
 from .index_keys import RippleIndex
 from .llama_capture import LlamaRunner
 from .llama_quantize import FTYPES, quantize_gguf
-from .make_pack import PackOptions, build_pack, pack_from_recording
+from .make_pack import PackOptions, build_pack, pack_from_recording, runner_bos
+from .quality import calibration_chunks
 from .pack import check_pack_types, pack_path_for
 from .placement import PLACEMENTS, group_starts, order_neurons, reads_by_method
 from .profile import chunk_batches, chunk_tokens, record
@@ -56,7 +57,7 @@ class ConvertOptions:
     n_ctx: int = 512
     seed: int = 0
     pack: bool = True                # also write OUT.ripple (neuron bundles + predictors)
-    target_recall: float = 0.95
+    max_ppl_increase: float = 0.02   # perplexity budget of the pack's default operating point
 
 
 def _check_output(out: Path) -> None:
@@ -141,7 +142,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, log=print, file: st
     # the final weights differ from the profiled ones only when llama.cpp's quantizer runs
     quantize_to = outtype if outtype is not None and not (not from_gguf and outtype in HF_FLOAT) else None
     down_type = QT[opts.down_type.upper()] if opts.down_type else (QT.F32 if from_gguf and quantize_to else None)
-    pack_opts = PackOptions(target_recall=opts.target_recall, n_ctx=opts.n_ctx, seed=opts.seed)
+    pack_opts = PackOptions(max_ppl_increase=opts.max_ppl_increase, n_ctx=opts.n_ctx, seed=opts.seed)
     stages = Stages(log)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -220,8 +221,12 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, log=print, file: st
             if quantize_to:  # new weights: the predictors learn from the quantized model itself
                 pack_summary = build_pack(final, pack_opts, tokens=tokens, out=part, log=log, stages=stages)
             else:
+                # perplexity of the operating points: on calibration text the predictors did not
+                # train on (the text's tail; of self-generated text, the sequences finished last)
+                tail = [sequences[0][int(len(sequences[0]) * 0.9):]] if text is not None else sequences[::-1]
+                chunks = calibration_chunks(tail, opts.n_ctx, runner_bos(final))
                 pack_summary = pack_from_recording(final, rec.xs, rec.hs, rec.n_kept, orders, act.thresholds,
-                                                   pack_opts, part, stages)
+                                                   pack_opts, part, stages, chunks)
         rec = None  # drop the memory maps before the directory goes
         os.replace(final, out)
         stale = pack_path_for(out)

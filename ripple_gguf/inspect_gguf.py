@@ -55,7 +55,10 @@ def pack_info(path: Path, reader) -> dict | None:
     return {"file": str(pp), "status": "bound to this GGUF", "obj": pk, "bytes": pk.file_bytes,
             "overhead_vs_gguf": pk.file_bytes / path.stat().st_size, "bundle_bytes": pk.bundle_bytes,
             "weight_type": label, "predictor_bytes": pk.predictor_bytes,
-            "predictor_vs_ffn": pk.predictor_bytes / ffn_bytes, "target_recall": pk.target_recall,
+            "predictor_vs_ffn": pk.predictor_bytes / ffn_bytes,
+            "operating_points": [{"density": round(float(d), 4), "ppl_increase": round(float(q), 5)}
+                                 for d, q in zip(pk.op_density, pk.op_ppl_increase)],
+            "default_point": pk.op_default, "max_ppl_increase": pk.op_budget,
             "train_tokens": pk.train_tokens, "validation_tokens": pk.eval_tokens,
             "validation": {k: [round(float(x), 4) for x in v] for k, v in pk.stats.items()}}
 
@@ -180,15 +183,16 @@ def format_report(info: dict) -> str:
         lines += [f"  offload pack  {pk['file']} ({pk['status']})",
                   f"    {pk['bytes'] / 2**20:.2f} MiB = {100 * pk['overhead_vs_gguf']:.0f}% of the GGUF; "
                   f"{pk['bundle_bytes']} bytes per neuron bundle ({pk['weight_type']})",
-                  f"    predictors {pk['predictor_bytes'] / 2**10:.0f} KiB = {100 * pk['predictor_vs_ffn']:.1f}% of the FFN bytes; "
-                  f"thresholds tuned for {pk['target_recall']:.2f} of the active mass"]
+                  f"    predictors {pk['predictor_bytes'] / 2**10:.0f} KiB = {100 * pk['predictor_vs_ffn']:.1f}% of the FFN bytes",
+                  f"    operating points (density: perplexity on calibration text; `run --quality PCT` picks one):"]
+        lines += [f"      {op['density']:.3f}: {100 * op['ppl_increase']:+.2f}%"
+                  + (f"  <- default (budget {100 * pk['max_ppl_increase']:g}%)" if i == pk["default_point"] else "")
+                  for i, op in enumerate(pk["operating_points"])]
         for name, ev in [("validation tokens", {**pk["validation"], "tokens": pk["validation_tokens"]})] + (
                 [(pk["on_text"]["text"], pk["on_text"])] if "on_text" in pk else []):
             lines.append(f"    predictor per layer on {name} ({ev['tokens']} tokens): mass recall / recall / precision / predicted vs true density")
             for il in range(len(ev["recall"])):
                 misses = []
-                if ev["mass_recall"][il] < pk["target_recall"] - 0.005:
-                    misses.append(f"recall below {pk['target_recall']:.2f}")
                 if ev["pred_density"][il] > 2 * ev["true_density"][il]:
                     misses.append(f"predicts {ev['pred_density'][il] / max(ev['true_density'][il], 1e-9):.1f}x the true density (target <= 2x)")
                 lines.append(f"      layer {il:2d}: {ev['mass_recall'][il]:.3f} / {ev['recall'][il]:.3f} / {ev['precision'][il]:.3f} / "

@@ -25,6 +25,7 @@ DENSE_ACTIVATIONS = ("ffn_swiglu", "ffn_swiglu_limited", "ffn_geglu", "ffn_gelu"
                      "ffn_gate_par")                                  # no zeros: magnitude threshold
 INTERMEDIATE_NAMES = ZERO_ACTIVATIONS + DENSE_ACTIVATIONS
 FFN_INPUT_NAME = "ffn_norm"
+FFN_GATE_NAME = "ffn_gate"    # gate pre-activation (gated FFNs): what a gate-only (CATS) rule ranks by
 FFN_OUTPUT_NAME = "ffn_out"   # after ffn_down: once the last layer's is done, nothing else is needed
 GGML_TYPE_F32 = 0
 
@@ -68,9 +69,12 @@ class LlamaRunner:
     """One model + one context; `evaluate(tokens)` returns logits and the captured FFN tensors."""
 
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None,
-                 capture_inputs: bool = False, capture_intermediate: bool = True, n_seq: int = 1):
+                 capture_inputs: bool = False, capture_intermediate: bool = True, n_seq: int = 1,
+                 ffn_mask=None, capture_gate: bool = False):
         """n_ctx: tokens per sequence; n_seq > 1 gives each of that many sequences its own KV
-        stream (batched generation, `step`)."""
+        stream (batched generation, `step`). ffn_mask(layer, x, gate, h) -> bool (tokens, n_ff) or
+        None: neurons outside the mask are zeroed before ffn_down, inside llama.cpp's own graph
+        (how quality.py measures the perplexity of a selection rule on the stock model)."""
         set_verbose(False)
         llama_cpp.llama_backend_init()
         self.path = str(path)
@@ -87,9 +91,12 @@ class LlamaRunner:
         wanted = set()
         if capture_intermediate:
             wanted.update(INTERMEDIATE_NAMES)
-        if capture_inputs:
+        if capture_inputs or ffn_mask is not None:
             wanted.add(FFN_INPUT_NAME)
+        if capture_gate:
+            wanted.add(FFN_GATE_NAME)
         self._wanted = wanted
+        self.ffn_mask = ffn_mask
         self._stop_early = self._stopped = False
         self._captured: dict[tuple[str, int], np.ndarray] = {}
         self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)  # keep a reference
@@ -138,8 +145,16 @@ class LlamaRunner:
         if int(t.nb[1]) != ne0 * 4 or t.ne[2] != 1 or t.ne[3] != 1:
             return True  # not a plain 2-D f32 tensor; nothing we know how to read
         buf = (ctypes.c_float * (ne0 * ne1)).from_address(t.data)
-        arr = np.ctypeslib.as_array(buf).reshape(ne1, ne0).copy()
-        kind = "input" if base == FFN_INPUT_NAME else "act"
+        live = np.ctypeslib.as_array(buf).reshape(ne1, ne0)
+        arr = live.copy()
+        kind = {FFN_INPUT_NAME: "input", FFN_GATE_NAME: "gate"}.get(base, "act")
+        if kind == "act" and self.ffn_mask is not None:
+            # the scheduler stops after an observed node and goes on from its memory: zeroing
+            # here is what ffn_down then multiplies
+            keep = self.ffn_mask(il, self._captured.get(("input", il)), self._captured.get(("gate", il)), arr)
+            if keep is not None:
+                arr *= keep
+                live[:] = arr
         # graph order: a later node of the same layer (sqr after relu) supersedes an earlier one
         self._captured[(kind, il)] = arr
         self._act_names[il] = base if kind == "act" else self._act_names.get(il)

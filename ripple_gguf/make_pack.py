@@ -13,28 +13,28 @@ from tqdm import tqdm
 
 from .calib import MIN_CALIB_TOKENS, read_text_files, self_generated_tokens
 from .errors import RippleError
-from .gguf_io import ffn_weight_bytes, open_header, read_ffn_layout
+from .ggml_quant import dequantize
+from .gguf_io import ffn_weight_bytes, kv, open_header, read_ffn_layout, tensor_bytes
 from .index_keys import read_index
 from .llama_capture import LlamaRunner
 from .pack import check_pack_types, pack_path_for, write_pack
-from .predictor import choose_rank, evaluate, train_layer, tune_threshold
+from .predictor import choose_rank, evaluate, train_layer
 from .profile import capture_layers, chunk_tokens
 from .stages import Stages
+from . import quality
 
-
-RECALL_MARGIN = 0.02
 
 
 @dataclass
 class PackOptions:
     calib: list[str] = field(default_factory=list)
     calib_tokens: int = 16384     # tokens recorded: 80% train, 10% threshold tuning, 10% eval
-    target_recall: float = 0.95   # share of the active mass the predicted sets must cover
     rank: int | None = None       # predictor width; default: largest within 5% of the FFN bytes
     steps: int | None = None     # training steps; None: predictor.train_layer's own default
     n_ctx: int = 512
     seed: int = 0
     down_policy: str = "auto"     # type of the packed down rows: auto (>= Q8_0), source or a type name
+    max_ppl_increase: float = quality.DEFAULT_BUDGET  # the default operating point's budget (calibration text)
 
 
 def build_pack(gguf_path: str | Path, opts: PackOptions, tokens: list[int] | None = None,
@@ -65,17 +65,31 @@ def build_pack(gguf_path: str | Path, opts: PackOptions, tokens: list[int] | Non
                 raise RippleError(f"only {len(tokens)} calibration tokens; pass at least {MIN_CALIB_TOKENS} with --calib")
             with stages("llama.cpp pass (pack)"):
                 xs, hs, n = capture_layers(runner, chunk_tokens(tokens, opts.n_ctx, runner.bos), opts.calib_tokens, tmp)
-        return pack_from_recording(gguf_path, xs, hs, n, None, index.thresholds, opts, out, stages)
+        n_eval = int(min(n, opts.calib_tokens) * 0.9)  # the predictors train on the first 80%
+        chunks = quality.calibration_chunks([tokens[n_eval:]], opts.n_ctx, runner_bos(gguf_path))
+        return pack_from_recording(gguf_path, xs, hs, n, None, index.thresholds, opts, out, stages, chunks)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def runner_bos(gguf_path) -> int:
+    return int(kv(open_header(gguf_path), "tokenizer.ggml.bos_token_id", 1))
+
+
+def down_col_sq(header, il: int, n_ff: int) -> np.ndarray:
+    """|column p of ffn_down|^2 per neuron (stored order): how much of the output a unit of h moves."""
+    t = next(t for t in header.tensors if t.name == f"blk.{il}.ffn_down.weight")
+    return np.square(dequantize(tensor_bytes(header, t), t.tensor_type, n_ff)).sum(0, dtype=np.float64).astype(np.float32)
+
+
 def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarray], n: int,
                         orders: list[np.ndarray] | None, thresholds: np.ndarray, opts: PackOptions,
-                        out: Path, stages) -> dict:
-    """Train, tune and evaluate the per-layer predictors on recorded FFN inputs `xs` and
-    intermediates `hs` (first `n` tokens; columns in original order, put into stored order by
-    `orders`, or already stored with orders=None) and write the pack for `gguf_path` to `out`."""
+                        out: Path, stages, ppl_chunks: list[list[int]]) -> dict:
+    """Train and evaluate the per-layer predictors on recorded FFN inputs `xs` and intermediates
+    `hs` (first `n` tokens; columns in original order, put into stored order by `orders`, or already
+    stored with orders=None), derive the operating points (quality.py; perplexity measured on
+    `ppl_chunks`, token chunks the predictors did not train on) and write the pack for `gguf_path`
+    to `out`."""
     _check(opts)
     header = open_header(gguf_path)
     layout = read_ffn_layout(header)
@@ -87,6 +101,7 @@ def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarr
         if not (np.isfinite(xs[il][:n]).all() and np.isfinite(hs[il][:n]).all()):
             raise RippleError(f"layer {il}'s activations on the calibration text are not finite: the GGUF's weights "
                               "are damaged or overflow; check the file (re-download or reconvert it)")
+    curves = []
     with stages("predictors"):
         for il in tqdm(range(layout.n_layer), desc="training predictors", unit="layer", leave=False):
             x, h, thr = np.asarray(xs[il][:n]), np.asarray(hs[il][:n]), float(thresholds[il])
@@ -95,14 +110,24 @@ def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarr
             rank = opts.rank or choose_rank(layout.n_embd, layout.n_ff[il], ffn_bytes[il])
             p = train_layer(x[:n_train], h[:n_train], thr, rank, seed=opts.seed + il,
                             **({"steps": opts.steps} if opts.steps else {}))
-            # tuned with a margin: on unseen text recall came out 1-2 points below the tuning split
-            p.threshold = tune_threshold(p, x[n_train:n_tune], h[n_train:n_tune], thr,
-                                         min(0.995, opts.target_recall + RECALL_MARGIN))
-            for k, v in evaluate(p, x[n_tune:], h[n_tune:], thr).items():
-                stats[k].append(v)
+            curves.append(quality.layer_curve(p.scores(x[n_train:n_tune]), h[n_train:n_tune],
+                                              down_col_sq(header, il, layout.n_ff[il])))
             predictors.append(p)
-    meta = {"act_threshold": thresholds, "target_recall": opts.target_recall,
-            "train_tokens": n_train, "eval_tokens": n - n_tune}
+    with stages("operating points (perplexity per density)"):
+        points = quality.operating_points(curves, ffn_bytes)
+        dense_ppl = quality.measure(points, gguf_path, ppl_chunks, opts.n_ctx, predictors)
+        default = quality.choose(points, opts.max_ppl_increase)
+    for p, t in zip(predictors, points[default].thresholds):
+        p.threshold = float(t)
+    for il, p in enumerate(predictors):
+        x, h = np.asarray(xs[il][n_tune:n]), np.asarray(hs[il][n_tune:n])
+        if orders is not None:
+            h = h[:, orders[il]]
+        for k, v in evaluate(p, x, h, float(thresholds[il])).items():
+            stats[k].append(v)
+    meta = {"act_threshold": thresholds,
+            "train_tokens": n_train, "eval_tokens": n - n_tune, "points": points, "default_point": default,
+            "max_ppl_increase": opts.max_ppl_increase, "ppl_tokens": sum(len(c) for c in ppl_chunks)}
     part = out.with_name(f".{out.name}.part")
     try:
         with stages("write pack"), tqdm(total=layout.n_layer, desc="writing pack", unit="layer", leave=False) as bar:
@@ -114,11 +139,13 @@ def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarr
     return {"pack": str(out), "bytes": out.stat().st_size, "gguf_bytes": gguf_path.stat().st_size,
             "predictor_bytes": sum(p.nbytes for p in predictors), "ffn_bytes": sum(ffn_bytes),
             "train_tokens": n_train, "eval_tokens": n - n_tune,
+            "operating_points": [{"density": round(p.density, 4), "ppl_increase": round(p.ppl_increase, 5)} for p in points],
+            "default_point": default, "calib_perplexity": dense_ppl,
             "per_layer": {k: [round(v, 4) for v in vals] for k, vals in stats.items()},
             "records": held if isinstance(held, dict) else None, "stages": dict(stages.times),
             "seconds": stages.total}
 
 
 def _check(opts: PackOptions) -> None:
-    if not 0.5 <= opts.target_recall < 1.0:
-        raise RippleError("--target-recall must be in [0.5, 1.0), e.g. 0.95")
+    if not 0.0 <= opts.max_ppl_increase < 10:
+        raise RippleError("--max-ppl-increase must be a share like 2% (0% = dense)")

@@ -213,7 +213,13 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
         "ripple.pack.act_threshold": np.asarray(meta["act_threshold"], dtype=np.float32),
         "ripple.pack.pred_rank": int(predictors[0].w1.shape[0]),
         "ripple.pack.pred_threshold": np.array([p.threshold for p in predictors], dtype=np.float32),
-        "ripple.pack.target_recall": float(meta["target_recall"]),
+        # operating points (FORMAT.md "Operating points"): dense first, densest to sparsest
+        "ripple.pack.op.density": np.array([q.density for q in meta["points"]], dtype=np.float32),
+        "ripple.pack.op.ppl_increase": np.array([q.ppl_increase for q in meta["points"]], dtype=np.float32),
+        "ripple.pack.op.thresholds": np.concatenate([q.thresholds for q in meta["points"]]).astype(np.float32),
+        "ripple.pack.op.default": int(meta["default_point"]),
+        "ripple.pack.op.max_ppl_increase": float(meta["max_ppl_increase"]),
+        "ripple.pack.op.ppl_tokens": int(meta["ppl_tokens"]),
         "ripple.pack.train_tokens": int(meta["train_tokens"]),
         "ripple.pack.eval.tokens": int(meta["eval_tokens"]),
     }
@@ -293,7 +299,11 @@ class Pack:
     predictors: list[LayerPredictor]
     act_threshold: np.ndarray
     activation: str
-    target_recall: float
+    op_density: np.ndarray           # per operating point: mean predicted density (bytes-weighted)
+    op_ppl_increase: np.ndarray      # per operating point: relative perplexity increase on calibration text
+    op_thresholds: np.ndarray        # (points, n_layer) predictor thresholds
+    op_default: int                  # the point whose thresholds are ripple.pack.pred_threshold
+    op_budget: float                 # the budget the default was chosen for
     train_tokens: int
     eval_tokens: int
     stats: dict[str, np.ndarray]
@@ -461,6 +471,7 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
                            arr("pred_w2", (n_ff[il], rank), QT.F16), arr("pred_b2", (n_ff[il],), QT.F32),
                            float(thresholds[il]))
         preds.append(p)
+    ops = _operating_points(r, n_layer, thresholds, path, fix)
     stats = {}
     for k in ("recall", "mass_recall", "precision", "pred_density", "true_density"):
         v = kv_array(r, f"ripple.pack.eval.{k}")
@@ -470,8 +481,27 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
     return Pack(path, gguf_path, n_layer, n_embd, n_ff, has_gate, part_types, types["down_source"],
                 rel.astype(np.float64), [int(v) for v in bb], offsets, preds,
                 act_threshold.astype(np.float32), str(kv(r, "ripple.pack.activation", "")),
-                float(kv(r, "ripple.pack.target_recall", 0.0)), int(kv(r, "ripple.pack.train_tokens", 0)),
+                *ops, int(kv(r, "ripple.pack.train_tokens", 0)),
                 int(kv(r, "ripple.pack.eval.tokens", 0)), stats, groups, size, sum_offsets)
+
+
+def _operating_points(r, n_layer: int, default_thresholds: np.ndarray, path, fix: str):
+    """ripple.pack.op.*, validated: shapes agree, densities in (0, 1] falling, thresholds finite and
+    the default point's equal to pred_threshold."""
+    dens = kv_array(r, "ripple.pack.op.density")
+    ppl = kv_array(r, "ripple.pack.op.ppl_increase")
+    thr = kv_array(r, "ripple.pack.op.thresholds")
+    default = kv(r, "ripple.pack.op.default")
+    budget = kv(r, "ripple.pack.op.max_ppl_increase")
+    if dens is None or ppl is None or thr is None or not isinstance(default, int) or not isinstance(budget, float):
+        raise RippleError(f"{path}: operating points missing; {fix}")
+    n = len(dens)
+    if (n < 1 or len(ppl) != n or len(thr) != n * n_layer or not 0 <= default < n
+            or not np.all(np.isfinite(thr)) or not np.all((dens > 0) & (dens <= 1)) or np.any(np.diff(dens) >= 0)
+            or not np.array_equal(thr.reshape(n, n_layer)[default].astype(np.float32), default_thresholds.astype(np.float32))):
+        raise RippleError(f"{path}: operating points malformed; {fix}")
+    return (dens.astype(np.float64), ppl.astype(np.float64), thr.reshape(n, n_layer).astype(np.float32),
+            int(default), float(budget))
 
 
 def check_header_sum(r: GGUFHeader, path: Path, fix: str) -> None:

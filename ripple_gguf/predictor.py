@@ -3,8 +3,8 @@
 Per layer a small MLP, score = W2 · relu(W1 · x + b1) + b2 (PowerInfer/Deja Vu shape), trained with
 torch on recorded activations. Targets are the active sets placement used (|h| > threshold).
 Positives are weighted by their magnitude so the loss cares most about the neurons that carry the
-FFN's output, and each layer's decision threshold is tuned on separate tokens for a target recall
-of the *active mass* (sum of |h| over truly active neurons), not accuracy.
+FFN's output. The score is used as a ranking: each layer's threshold comes from the operating points
+(quality.py), chosen for a perplexity budget, not from the classifier's own 0.
 """
 from __future__ import annotations
 
@@ -195,7 +195,8 @@ def _bf16_fast() -> bool:
 
 def tune_threshold(pred: LayerPredictor, x: np.ndarray, h: np.ndarray, act_threshold: float,
                    target_recall: float) -> float:
-    """Highest score threshold whose predicted sets still cover `target_recall` of the active mass."""
+    """Highest score threshold whose predicted sets still cover `target_recall` of the active mass
+    (a diagnostic: the pack's thresholds come from quality.py's operating points)."""
     s = pred.scores(x)
     mag = np.abs(np.asarray(h, dtype=np.float32))
     active = mag > act_threshold

@@ -12,6 +12,7 @@ import sys
 import time
 
 from .errors import RippleError
+from .perplexity import perplexity
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -76,6 +77,9 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("--bw-mbps", type=float, default=None, help="cost model: bandwidth in MB/s (default: probed)")
     p.add_argument("--merge-gap", type=int, default=None, metavar="BYTES",
                    help="merge gaps up to this many bytes into one read (default: t0 x bandwidth)")
+    p.add_argument("--quality", metavar="PCT", default=None,
+                   help="operating point: the sparsest one the pack stores within this perplexity increase on "
+                        "calibration text, e.g. 1%% (0%% = every neuron); default: the pack's (chosen at convert)")
     p.add_argument("--threshold-offset", type=float, default=0.0, metavar="LOGIT",
                    help="added to the pack's predictor thresholds: < 0 computes more neurons (default 0)")
     p.add_argument("--seed", type=int, default=0)
@@ -89,7 +93,7 @@ def _ripple_kwargs(args) -> dict:
                 dense=args.dense, dense_fallback=args.allow_dense_fallback, all_active=args.all_active,
                 io_threads=args.io_threads, direct_io=args.direct_io, pin_percent=args.pin_percent,
                 t0_us=args.t0_us, bw_mbps=args.bw_mbps, merge_gap_bytes=args.merge_gap,
-                threshold_offset=args.threshold_offset, warm_cache=not args.cold_cache)
+                threshold_offset=args.threshold_offset, warm_cache=not args.cold_cache, quality=args.quality)
 
 
 def _n_ctx(args, default: int = 2048) -> int:
@@ -218,36 +222,6 @@ def cmd_run(args) -> dict:
     return result
 
 
-def perplexity(llm, tokens: list[int], n_ctx: int, bos: int | None, max_chunks: int | None = None,
-               progress=None) -> tuple[float, int]:
-    """llama-perplexity's measure: independent n_ctx chunks (first token replaced by BOS), each
-    scored on its second half. Returns (perplexity, scored tokens)."""
-    import numpy as np
-    n_chunk = len(tokens) // n_ctx
-    if max_chunks:
-        n_chunk = min(n_chunk, max_chunks)
-    if n_chunk < 1:
-        raise RippleError(f"the text has {len(tokens)} tokens, fewer than one chunk of --ctx {n_ctx}; "
-                          "pass a longer --text or a smaller --ctx")
-    nll, count = 0.0, 0
-    first = n_ctx // 2
-    for c in range(n_chunk):
-        chunk = list(tokens[c * n_ctx:(c + 1) * n_ctx])
-        if bos is not None:
-            chunk[0] = bos
-        llm.reset()
-        llm.eval(chunk)
-        logits = np.asarray(llm.scores[first:n_ctx - 1], dtype=np.float64)
-        targets = np.asarray(chunk[first + 1:n_ctx])
-        m = logits.max(axis=1, keepdims=True)
-        lse = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1)))
-        nll += float(np.sum(lse - logits[np.arange(len(targets)), targets]))
-        count += len(targets)
-        if progress:
-            progress(c + 1, n_chunk, math.exp(nll / count))
-    return math.exp(nll / count), count
-
-
 def cmd_eval(args) -> dict:
     if not os.path.isfile(args.text):
         raise RippleError(f"{args.text}: no such file; pass a text file with --text")
@@ -272,9 +246,11 @@ def cmd_eval(args) -> dict:
     llm.check_ripple()
     n_eval = (len(tokens) // n_ctx if not args.chunks else min(args.chunks, len(tokens) // n_ctx)) * n_ctx
     result = {"perplexity": ppl, "text": args.text, "ctx": n_ctx, "scored_tokens": scored,
-              "evaluated_tokens": n_eval, "mode": s_end.get("mode"),
+              "evaluated_tokens": n_eval, "mode": s_end.get("mode"), "operating_point": llm.ripple_point,
               "eval": _phase(s_end, s0, n_eval, seconds), "memory": _memory(args, llm, prep, rss_before),
               "ripple": s_end}
+    if args.curve and llm.ripple_active:
+        result["curve"] = density_curve(args, llm, tokens[:n_eval], n_ctx, bos)
     if not args.json:
         print(file=sys.stderr)
         e = result["eval"]
@@ -283,8 +259,61 @@ def cmd_eval(args) -> dict:
             extra = (f"; predicted density {100 * (e['predicted_density'] or 0):.1f}%, "
                      f"{e['reads_per_token']:.2f} reads/token, cache hit rate {100 * (e['cache_hit_rate'] or 0):.1f}%")
         print(f"perplexity {ppl:.4f} over {scored} tokens ({result['mode']}; {e['tokens_per_s'] or 0:.0f} tokens/s{extra})")
+        if llm.ripple_point:
+            print(point_line(llm.ripple_point))
+        if "curve" in result:
+            print_curve(result["curve"])
     llm.close()
     return result
+
+
+def point_line(pt: dict) -> str:
+    return (f"operating point {pt['index']}: density {pt['density']:.3f}, {100 * pt['ppl_increase']:+.2f}% perplexity "
+            f"on calibration text{' (the pack default)' if pt['default'] else ''}")
+
+
+def density_curve(args, llm, tokens: list[int], n_ctx: int, bos) -> list[dict]:
+    """Per stored operating point, on the same text: the runtime's perplexity and predicted density,
+    and llama.cpp's with the oracle (top-d by |h| per token) and the gate-only rule at that density."""
+    from . import quality
+    pk = llm.ripple_pack
+    rows = []
+    for i in range(len(pk.op_density)):
+        llm.ripple_set_point(i)
+        s0 = llm.ripple_stats()
+        ppl, _ = perplexity(llm, tokens, n_ctx, bos)
+        s1 = llm.ripple_stats()
+        act = s1["active_neurons"] - s0["active_neurons"]
+        tot = s1["total_neurons"] - s0["total_neurons"]
+        rows.append({"point": i, "density": act / tot if tot else 0.0, "predictor": ppl})
+        if not args.json:
+            print(f"\r[curve {i + 1}/{len(pk.op_density)}] predictor", end="", file=sys.stderr, flush=True)
+    llm.ripple_set_point(pk.op_default if args.quality is None else llm.ripple_point["index"])
+    chunks = [[bos if bos is not None else tokens[c]] + list(tokens[c + 1:c + n_ctx]) for c in range(0, len(tokens), n_ctx)]
+    gated = pk.has_gate
+    rules = [None]
+    for r in rows[1:]:
+        rules += [quality.oracle_rule(r["density"])] + ([quality.gate_rule(r["density"])] if gated else [])
+    if not args.json:
+        print("\r[curve] oracle and gate-only rules on the stock model", end="", file=sys.stderr, flush=True)
+    ppls = quality.masked_perplexities(args.gguf, chunks, rules, n_ctx)
+    dense = ppls[0]
+    rows[0].update(oracle=dense, gate_only=dense if gated else None, stock=dense)
+    step = 2 if gated else 1
+    for k, r in enumerate(rows[1:]):
+        r.update(oracle=ppls[1 + step * k], gate_only=ppls[2 + step * k] if gated else None, stock=dense)
+    if not args.json:
+        print(file=sys.stderr)
+    return rows
+
+
+def print_curve(rows: list[dict]) -> None:
+    dense = rows[0]["stock"]
+    pct = lambda v: "-" if v is None else f"{v:.4f} ({100 * (v / dense - 1):+.1f}%)"
+    print(f"density vs perplexity (stock dense {dense:.4f}):")
+    print(f"  {'point':>5} {'density':>8}  {'predictor (runtime)':>22}  {'oracle top-d |h|':>22}  {'gate-only top-d':>22}")
+    for r in rows:
+        print(f"  {r['point']:>5} {r['density']:>8.3f}  {pct(r['predictor']):>22}  {pct(r['oracle']):>22}  {pct(r['gate_only']):>22}")
 
 
 def cmd_chat(args) -> dict:
@@ -374,6 +403,9 @@ def register(sub) -> None:
     c.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("eval", help="perplexity on a text file (like llama-perplexity) plus runtime stats")
+    e.add_argument("--curve", action="store_true",
+                   help="also every stored operating point: density vs perplexity of the predictor (runtime), "
+                        "the oracle (top-d by |h| per token) and the gate-only rule (top-d by |silu(gate)|)")
     _add_runtime_args(e, generation=False)
     e.add_argument("--text", required=True, metavar="FILE", help="text not used for calibration")
     e.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")

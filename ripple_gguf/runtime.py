@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 from .errors import RippleError
 from .pack import Pack, open_pack, pack_path_for
@@ -103,10 +104,11 @@ def ripple_lib():
                                     ctypes.c_int64], ctypes.c_int64),
         "llama_ripple_detach": ([vp], ctypes.c_int32),
         "llama_ripple_inject_fault": ([vp, ctypes.c_int64, ctypes.c_int32], ctypes.c_int32),  # test hook
+        "llama_ripple_set_thresholds": ([vp, ctypes.POINTER(ctypes.c_float), ctypes.c_int32], ctypes.c_int32),
     }
     for name, (args, res) in sig.items():
-        if name == "llama_ripple_inject_fault" and not hasattr(lib, name):
-            continue  # test hook, in libraries built from patches of this version on
+        if name in ("llama_ripple_inject_fault", "llama_ripple_set_thresholds") and not hasattr(lib, name):
+            continue  # in libraries built from patches of this version on
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
     _lib_cache = lib
@@ -159,6 +161,14 @@ def verified_pack(model_path: str, pack_path: str | None = None) -> Pack:
     return pack
 
 
+def choose_point(pack: Pack, quality) -> int:
+    """The stored operating point for a perplexity budget ('2%', 0.02; 0 = dense)."""
+    from .quality import OperatingPoint, choose, parse_budget
+    budget = parse_budget(quality)
+    return choose([OperatingPoint(float(d), t, float(q)) for d, t, q in
+                   zip(pack.op_density, pack.op_thresholds, pack.op_ppl_increase)], budget)
+
+
 class RippleLlama(llama_cpp.Llama):
     """A `llama_cpp.Llama` whose FFNs run sparsely from `OUT.ripple` (found next to the GGUF).
 
@@ -166,6 +176,8 @@ class RippleLlama(llama_cpp.Llama):
     RippleLlama("m.gguf", dense=True)                   # the same GGUF on llama.cpp's stock path
     RippleLlama("m.gguf", dense_fallback=True)          # stock path with a warning if the pack is unusable
     RippleLlama("m.gguf", pack=verified_pack("m.gguf"))  # reuse a pack verified earlier
+    RippleLlama("m.gguf", quality="1%")                 # the sparsest stored operating point within +1%
+                                                        # perplexity on calibration text (default: the pack's)
     Everything else (n_ctx, n_threads, chat_format, verbose, ...) goes to `llama_cpp.Llama`.
     """
 
@@ -174,9 +186,11 @@ class RippleLlama(llama_cpp.Llama):
                  cache_ratio: float | None = None, dense: bool = False, dense_fallback: bool = False,
                  all_active: bool = False, io_threads: int = 4, direct_io: bool = False, pin_percent: int = 50,
                  t0_us: float | None = None, bw_mbps: float | None = None, merge_gap_bytes: int | None = None,
-                 threshold_offset: float = 0.0, warm_cache: bool = True, **kwargs):
+                 threshold_offset: float = 0.0, warm_cache: bool = True, quality=None, **kwargs):
         self.ripple_pack: Pack | None = None
         self.ripple_dense_reason: str | None = None
+        self.ripple_point: dict | None = None
+        self._threshold_offset = float(threshold_offset)
         self._ripple_busy = threading.Lock()
         model_path = str(model_path)
         if not Path(model_path).is_file():
@@ -191,6 +205,7 @@ class RippleLlama(llama_cpp.Llama):
         try:
             pack = pack or verified_pack(model_path, pack_path)
             budget = budget_bytes(pack, opts)
+            point = pack.op_default if quality is None else choose_point(pack, quality)
             lib = ripple_lib()
         except RippleError as e:
             if not dense_fallback:
@@ -227,6 +242,7 @@ class RippleLlama(llama_cpp.Llama):
             err = lib.llama_ripple_last_error(None).decode(errors="replace")
             raise RippleError(f"the ripple pack was not attached to {model_path}: {err or 'unknown reason'}")
         self.ripple_pack = pack
+        self.ripple_set_point(point)
 
     def close(self) -> None:
         if hasattr(self, "_stack"):  # also when __init__ failed before llama_cpp.Llama set up
@@ -289,6 +305,24 @@ class RippleLlama(llama_cpp.Llama):
         d["bytes_per_token"] = d["bytes_read"] / d["tokens"] if d["tokens"] else 0.0
         d["pack"] = str(self.ripple_pack.path)
         return d
+
+    def ripple_set_point(self, index: int) -> dict:
+        """Move to stored operating point `index` (0 = dense; see pack.op_density) between decodes."""
+        pk = self.ripple_pack
+        if pk is None:
+            raise RippleError("no ripple pack attached (dense mode)")
+        if not 0 <= index < len(pk.op_density):
+            raise RippleError(f"operating point {index} does not exist; the pack has {len(pk.op_density)}")
+        if index != pk.op_default or self.ripple_point is not None:
+            lib = ripple_lib()
+            if not hasattr(lib, "llama_ripple_set_thresholds"):
+                raise RippleError("this llama-cpp-python build cannot change operating points; run tools/setup.sh")
+            thr = np.ascontiguousarray(pk.op_thresholds[index] + np.float32(self._threshold_offset), dtype=np.float32)
+            if lib.llama_ripple_set_thresholds(self.model, thr.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(thr)) != 0:
+                raise RippleError("the runtime refused the operating point's thresholds")
+        self.ripple_point = {"index": index, "density": float(pk.op_density[index]),
+                             "ppl_increase": float(pk.op_ppl_increase[index]), "default": index == pk.op_default}
+        return self.ripple_point
 
     def ripple_reset_stats(self) -> None:
         if self.ripple_active:

@@ -1,0 +1,191 @@
+"""Operating points: per-layer predictor thresholds that trade density for perplexity.
+
+A fixed active share loses too much on real SwiGLU models (SmolLM2: keeping the top 30% by |h| is
++20% perplexity even for an oracle), and layers differ a lot. So the pack stores a curve:
+1. per layer, on calibration tokens the predictors did not train on, the share of the FFN output
+   lost when only neurons scoring above a threshold are computed,
+   error(d) = sum over dropped (token, neuron) of h^2 |down column|^2 / the same sum over all;
+2. for each target mean density, the per-layer densities that lose the least error for the bytes
+   read (equal-slope allocation: a layer is made sparser only where that is cheap in error);
+3. each point's perplexity increase, measured by llama.cpp itself on held-out calibration tokens with
+   exactly that selection applied inside its graph (LlamaRunner.ffn_mask), against the same tokens dense.
+`run/eval/serve --quality 2%` then load the sparsest point within the budget; `eval --curve` puts
+the predictor next to the oracle (top-d by |h| per token) and the gate-only rule (top-d by |silu(gate)|).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import RippleError
+
+GRID = np.round(np.arange(0.05, 1.0001, 0.025), 3)      # candidate per-layer densities
+TARGETS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)        # mean densities of the stored points
+DEFAULT_BUDGET = 0.02                                   # --max-ppl-increase default
+DENSE_THRESHOLD = -1e30                                 # every score passes (finite: the C side checks)
+PPL_TOKENS = 1024                                       # held-out calibration tokens each point is measured on
+
+
+@dataclass
+class LayerCurve:
+    threshold: np.ndarray  # per GRID density: the score threshold that keeps that share (calibration)
+    error: np.ndarray      # per GRID density: share of the FFN output energy lost
+
+
+@dataclass
+class OperatingPoint:
+    density: float              # mean predicted density, weighted by each layer's FFN bytes
+    thresholds: np.ndarray      # per layer
+    ppl_increase: float = math.nan  # relative, on held-out calibration tokens (0.02 = +2%)
+
+
+def layer_curve(scores: np.ndarray, h: np.ndarray, col_sq: np.ndarray) -> LayerCurve:
+    """scores, h: (tokens, n_ff) predictor scores and true intermediates; col_sq: |down column|^2."""
+    w = np.square(np.asarray(h, dtype=np.float32)) * col_sq
+    flat = scores.reshape(-1)
+    order = np.argsort(-flat, kind="stable")
+    kept = np.concatenate([[0.0], np.cumsum(w.reshape(-1)[order], dtype=np.float64)])
+    total = max(kept[-1], 1e-30)
+    k = np.clip(np.round(GRID * flat.size).astype(np.int64), 1, flat.size)
+    thr = flat[order[k - 1]]
+    # a threshold just below the k-th score keeps (about) k entries: scores > thr
+    thr = np.nextafter(thr.astype(np.float32), np.float32(-np.inf))
+    thr[GRID >= 1.0] = DENSE_THRESHOLD
+    return LayerCurve(thr.astype(np.float32), (1.0 - kept[k] / total).clip(0.0, 1.0))
+
+
+def _pick(curves: list[LayerCurve], layer_bytes: np.ndarray, mu: float) -> np.ndarray:
+    """Per layer the grid index minimising bytes read + mu * error lost."""
+    return np.array([int(np.argmin(b * GRID + mu * c.error)) for c, b in zip(curves, layer_bytes)])
+
+
+def allocate(curves: list[LayerCurve], layer_bytes, target: float) -> OperatingPoint:
+    """The point with byte-weighted mean density closest to `target` (from above) on the
+    equal-slope frontier."""
+    b = np.asarray(layer_bytes, dtype=np.float64)
+    share = b / b.sum()
+    lo, hi = -12.0, 12.0   # log10 of mu in units of the total bytes: density rises with mu
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        d = float(share @ GRID[_pick(curves, b, 10 ** mid * b.sum())])
+        lo, hi = (mid, hi) if d < target else (lo, mid)
+    idx = _pick(curves, b, 10 ** hi * b.sum())
+    return OperatingPoint(float(share @ GRID[idx]), np.array([c.threshold[i] for c, i in zip(curves, idx)], np.float32))
+
+
+def operating_points(curves: list[LayerCurve], layer_bytes, targets=TARGETS) -> list[OperatingPoint]:
+    """Dense first, then one point per target density (duplicates dropped), densest to sparsest."""
+    points = [OperatingPoint(1.0, np.full(len(curves), DENSE_THRESHOLD, np.float32))]
+    for t in sorted(targets, reverse=True):
+        p = allocate(curves, layer_bytes, t)
+        if p.density < points[-1].density - 1e-3:
+            points.append(p)
+    return points
+
+
+def choose(points: list[OperatingPoint], budget: float) -> int:
+    """Index of the sparsest point (points run densest to sparsest) whose measured increase, and
+    every denser point's, is within `budget`; the dense point 0 always qualifies."""
+    best, worst = 0, 0.0
+    for i, p in enumerate(points[1:], 1):
+        # conservative against measurement noise: a point counts only if every denser one also fits
+        worst = max(worst, p.ppl_increase)
+        if not worst <= budget:
+            break
+        best = i
+    return best
+
+
+def parse_budget(text) -> float:
+    """'2%', '0.02' or 2 (percent when > 1) -> 0.02."""
+    if isinstance(text, (int, float)):
+        v = float(text)
+    else:
+        s = str(text).strip()
+        try:
+            v = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+        except ValueError:
+            raise RippleError(f"perplexity budget {text!r} is not a number; use e.g. 2% or 0.02") from None
+    if v > 1 and not str(text).strip().endswith("%"):
+        v /= 100
+    if not (0 <= v < 10) or math.isnan(v):
+        raise RippleError(f"perplexity budget {text!r} out of range; use e.g. 2% (0% = dense)")
+    return v
+
+
+# --- selection rules applied inside llama.cpp's graph (LlamaRunner.ffn_mask) ------------------------
+
+def predictor_rule(predictors, thresholds):
+    """The runtime's rule: neuron p of layer l computed when its predictor score > thresholds[l]."""
+    def rule(il, x, gate, h):
+        return predictors[il].scores(x) > thresholds[il]
+    return rule
+
+
+def top_d(values: np.ndarray, d: float) -> np.ndarray:
+    """Per row, the ceil(d * n) largest values."""
+    k = int(min(values.shape[1], max(1, math.ceil(d * values.shape[1]))))
+    kth = -np.partition(-values, k - 1, axis=1)[:, k - 1:k]
+    return values >= kth
+
+
+def oracle_rule(d: float):
+    """The best any predictor could do at density d: per token the top-d neurons by |h|."""
+    return lambda il, x, gate, h: top_d(np.abs(h), d)
+
+
+def gate_rule(d: float):
+    """Gate-only (CATS-style): per token the top-d neurons by |silu(gate)|."""
+    def rule(il, x, gate, h):
+        if gate is None:
+            raise RippleError("the gate-only rule needs a gated FFN (SwiGLU/GeGLU)")
+        return top_d(np.abs(gate / (1.0 + np.exp(-gate))), d)
+    rule.needs_gate = True
+    return rule
+
+
+def calibration_chunks(sequences: list[list[int]], n_ctx: int, bos: int, n_tokens: int = PPL_TOKENS) -> list[list[int]]:
+    """Chunks of at most n_ctx tokens (BOS first) from `sequences`, about n_tokens in all; each
+    chunk long enough that its scored second half has tokens."""
+    chunks, total = [], 0
+    for seq in sequences:
+        for lo in range(0, len(seq), n_ctx - 1):
+            c = [bos] + list(seq[lo:lo + n_ctx - 1])
+            if len(c) >= 16 and total < n_tokens:
+                chunks.append(c)
+                total += len(c)
+    return chunks
+
+
+def masked_perplexities(gguf_path, chunks: list[list[int]], rules: list, n_ctx: int) -> list[float]:
+    """Perplexity of the stock model on `chunks` (scored on each chunk's second half) for each rule
+    (None: dense), in one loaded model."""
+    from .llama_capture import LlamaRunner
+    from .perplexity import chunk_nll
+    if not chunks:
+        raise RippleError("no calibration tokens left to measure perplexity on; pass more --calib text")
+    needs_gate = any(getattr(r, "needs_gate", False) for r in rules)
+    out = []
+    with LlamaRunner(gguf_path, n_ctx=max(len(c) for c in chunks), capture_intermediate=True,
+                     capture_inputs=True, capture_gate=needs_gate) as runner:
+        for rule in rules:
+            runner.ffn_mask = rule
+            nll, count = 0.0, 0
+            for c in chunks:
+                logits, _, _ = runner.evaluate(c, want_logits=True)
+                first = len(c) // 2
+                nll += chunk_nll(logits, c, first)
+                count += len(c) - 1 - first
+            out.append(math.exp(nll / max(count, 1)))
+    return out
+
+
+def measure(points: list[OperatingPoint], gguf_path, chunks, n_ctx: int, predictors) -> float:
+    """Fill each point's ppl_increase; returns the dense perplexity."""
+    ppls = masked_perplexities(gguf_path, chunks, [None] + [predictor_rule(predictors, p.thresholds) for p in points[1:]], n_ctx)
+    points[0].ppl_increase = 0.0
+    for p, v in zip(points[1:], ppls[1:]):
+        p.ppl_increase = v / ppls[0] - 1.0
+    return ppls[0]

@@ -1,0 +1,127 @@
+"""Operating points: density chosen from a perplexity budget, several points stored, movable at load."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, HELDOUT, all_logits, prompts, run_cli
+from ripple_gguf import quality
+from ripple_gguf.errors import RippleError
+from ripple_gguf.runtime import RippleLlama, verified_pack
+
+SWIGLU = "tiny-llama-swiglu"
+
+
+def test_allocation_makes_cheap_layers_sparser():
+    """Two layers, same bytes: the one whose error falls fast with density gets the sparser share."""
+    g = quality.GRID
+    cheap = quality.LayerCurve(np.linspace(1, 0, len(g)).astype(np.float32), np.clip(1 - g, 0, 1) ** 4)
+    costly = quality.LayerCurve(np.linspace(1, 0, len(g)).astype(np.float32), np.clip(1 - g, 0, 1) ** 0.5)
+    pts = quality.operating_points([cheap, costly], [1.0, 1.0], targets=(0.8, 0.6))
+    assert [round(p.density, 3) for p in pts][0] == 1.0
+    assert all(a.density > b.density for a, b in zip(pts, pts[1:]))
+    for p in pts[1:]:
+        d_cheap = g[list(cheap.threshold).index(p.thresholds[0])]
+        d_costly = g[list(costly.threshold).index(p.thresholds[1])]
+        assert d_cheap < d_costly
+
+
+def test_layer_curve_thresholds_keep_their_share():
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((400, 256)).astype(np.float32)
+    scores = np.abs(h) + 0.1 * rng.standard_normal(h.shape).astype(np.float32)
+    c = quality.layer_curve(scores, h, np.ones(256, np.float32))
+    for d, t, e in zip(quality.GRID, c.threshold, c.error):
+        assert abs((scores > t).mean() - d) < 0.01
+        assert 0.0 <= e <= 1.0
+    assert c.error[-1] == 0.0 and np.all(np.diff(c.error) <= 1e-12)  # more neurons, less lost
+
+
+def test_budget_choice_is_conservative_against_noise():
+    pts = [quality.OperatingPoint(d, np.zeros(1), q) for d, q in
+           [(1.0, 0.0), (0.9, 0.01), (0.8, 0.025), (0.7, 0.015), (0.6, 0.05)]]
+    assert quality.choose(pts, 0.02) == 1   # 0.7 measured +1.5% but 0.8 already broke the budget
+    assert quality.choose(pts, 0.03) == 3
+    assert quality.choose(pts, 0.0) == 0
+    assert quality.parse_budget("2%") == pytest.approx(0.02) == quality.parse_budget("0.02")
+    with pytest.raises(RippleError):
+        quality.parse_budget("lots")
+
+
+def test_masking_every_neuron_changes_nothing(converted):
+    """The selection hook writes into llama.cpp's own graph: keeping everything is the stock model."""
+    path = converted(SWIGLU, "f16")
+    from ripple_gguf.llama_capture import LlamaRunner
+    with LlamaRunner(path, capture_intermediate=False) as r:
+        toks = r.tokenize(HELDOUT.read_text()[:4000])[:256]
+    chunks = [[1] + toks[:127], [1] + toks[127:254]]
+    dense, keep_all, oracle_half = quality.masked_perplexities(
+        path, chunks, [None, quality.oracle_rule(1.0), quality.oracle_rule(0.3)], 512)
+    assert keep_all == pytest.approx(dense, rel=1e-6)
+    assert oracle_half != pytest.approx(dense, rel=1e-6)  # the mask really reaches ffn_down
+
+
+@pytest.mark.parametrize("model", FIXTURES)
+def test_pack_stores_points_within_budget_and_runtime_moves_along_them(converted, model):
+    path = converted(model, "f16")
+    pk = verified_pack(str(path))
+    n = len(pk.op_density)
+    assert n >= 4 and pk.op_density[0] == 1.0 and np.all(np.diff(pk.op_density) < 0)
+    assert np.all(pk.op_ppl_increase[1:pk.op_default + 1] <= pk.op_budget)
+    llm = RippleLlama(str(path), pack=pk, n_ctx=256, verbose=False)
+    try:
+        assert llm.ripple_point["index"] == pk.op_default and llm.ripple_point["default"]
+        ps = prompts(llm, n=2, length=64)
+        seen = []
+        for i in range(n):
+            llm.ripple_set_point(i)
+            llm.ripple_reset_stats()
+            all_logits(llm, ps)
+            seen.append(llm.ripple_stats()["predicted_density"])
+        print(model, "stored", np.round(pk.op_density, 3), "on held-out prompts", np.round(seen, 3))
+        assert seen[0] == 1.0
+        assert all(b < a + 0.02 for a, b in zip(seen, seen[1:]))  # sparser points compute fewer neurons
+        assert seen[-1] < 0.8
+        with pytest.raises(RippleError):
+            llm.ripple_set_point(n)
+    finally:
+        llm.close()
+
+
+def test_quality_zero_computes_every_neuron(converted):
+    """--quality 0% loads the dense point: the same logits as the debug all-active mode."""
+    path = str(converted(SWIGLU, "f16"))
+    pk = verified_pack(path)
+    out = []
+    for kw in ({"quality": "0%"}, {"all_active": True}):
+        llm = RippleLlama(path, pack=pk, n_ctx=256, verbose=False, logits_all=True, **kw)
+        try:
+            out.append(all_logits(llm, prompts(llm, n=2, length=48)))
+        finally:
+            llm.close()
+    np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_eval_curve_puts_predictor_next_to_oracle_and_gate_only(converted):
+    path = converted(SWIGLU, "f16")
+    proc = run_cli("eval", path, "--text", HELDOUT, "--ctx", 128, "--chunks", 4, "--curve", "--json", check=True)
+    res = json.loads(proc.stdout)
+    rows = res["curve"]
+    assert len(rows) == len(verified_pack(str(path)).op_density)
+    assert res["operating_point"]["default"]
+    dense = rows[0]
+    assert dense["density"] == 1.0 and dense["predictor"] == pytest.approx(dense["stock"], rel=2e-3)
+    assert all(a["density"] > b["density"] for a, b in zip(rows, rows[1:]))
+    for r in rows:
+        assert r["oracle"] > 0 and r["gate_only"] > 0
+    text = run_cli("eval", path, "--text", HELDOUT, "--ctx", 128, "--chunks", 2, "--curve", check=True).stdout
+    assert "oracle top-d |h|" in text and "gate-only" in text and "operating point" in text
+
+
+def test_bad_quality_is_a_one_line_error(converted):
+    path = converted(SWIGLU, "f16")
+    proc = run_cli("run", path, "-p", "hi", "-n", "2", "--quality", "lots")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "budget" in proc.stderr
