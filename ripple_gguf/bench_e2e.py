@@ -146,7 +146,7 @@ def model_info(gguf: str, text_path: str, need_tokens: int) -> dict:
     if not os.path.isfile(text_path):
         raise RippleError(f"{text_path}: no such file; pass a text file with --text")
     from .pack import open_pack
-    from .run_cli import gguf_ffn_split
+    from .memory_budget import gguf_ffn_split
     pack = open_pack(gguf)  # RippleError naming `ripple-gguf pack` when missing or not bound to this GGUF
     ffn, other = gguf_ffn_split(gguf)
     info = {"gguf": os.path.abspath(gguf), "gguf_bytes": os.path.getsize(gguf), "ffn_bytes": ffn,

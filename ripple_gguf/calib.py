@@ -10,6 +10,16 @@ from tqdm import tqdm
 from .errors import RippleError
 
 MIN_CALIB_TOKENS = 256
+# below this the predictors (80% of the tokens) and the operating points' perplexity (the last 10%,
+# ~1,000 tokens wanted) are measured on too little text to be stable: a warning, not an error
+RECOMMENDED_CALIB_TOKENS = 4096
+
+
+def warn_if_starved(n_tokens: int, log) -> None:
+    if n_tokens < RECOMMENDED_CALIB_TOKENS:
+        log(f"warning: only {n_tokens} calibration tokens; predictors and operating points need about "
+            f"{RECOMMENDED_CALIB_TOKENS} (8192 by default) to be stable: pass more --calib text, or none to let the "
+            "model generate its own")
 
 
 def read_text_files(paths: list[str | Path], what: str = "calibration") -> str:

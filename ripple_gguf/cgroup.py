@@ -86,6 +86,47 @@ def _parents() -> list[tuple[str, str]]:
     return out
 
 
+def _meminfo_available() -> int | None:
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _stat_value(text: str | None, *keys: str) -> int:
+    for line in (text or "").splitlines():
+        k, _, v = line.partition(" ")
+        if k in keys and v.strip().isdigit():
+            return int(v)
+    return 0
+
+
+def available_memory() -> tuple[int | None, str]:
+    """Bytes this process may still use and where that figure comes from: the tightest of
+    MemAvailable and, for every memory cgroup from this process's up to the root, its limit minus
+    its usage plus the file cache it could drop (inactive files). (None, why) if nothing is known."""
+    best, where = _meminfo_available(), "MemAvailable"
+    for version, point, root in _mounts():
+        own = _own_path(version)
+        d = os.path.normpath(os.path.join(point, os.path.relpath(own, root) if own.startswith(root) else "."))
+        while d.startswith(point):
+            if version == "v2":
+                limit, usage = _read(os.path.join(d, "memory.max")), _read(os.path.join(d, "memory.current"))
+                inactive = _stat_value(_read(os.path.join(d, "memory.stat")), "inactive_file")
+            else:
+                limit, usage = _read(os.path.join(d, "memory.limit_in_bytes")), _read(os.path.join(d, "memory.usage_in_bytes"))
+                inactive = _stat_value(_read(os.path.join(d, "memory.stat")), "total_inactive_file", "inactive_file")
+            lim = (limit or "").strip()
+            if lim.isdigit() and int(lim) < 2**60 and (usage or "").strip().isdigit():
+                free = int(lim) - int(usage) + inactive
+                if best is None or free < best:
+                    best, where = max(free, 0), f"memory cgroup {d} (limit {int(lim)} bytes)"
+            if d == point:
+                break
+            d = os.path.dirname(d)
+    return best, where
+
+
 class MemoryCgroup:
     """A fresh memory cgroup with a hard limit (no swap); a context manager that removes it."""
 

@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as QT
 from tqdm import tqdm
 
 from . import ggml_quant
-from .calib import GEN_SEQS, MIN_CALIB_TOKENS, generate_batches, read_text_files
+from .calib import warn_if_starved, GEN_SEQS, MIN_CALIB_TOKENS, generate_batches, read_text_files
 from .errors import RippleError
 from .gguf_io import (FLOAT_TYPES, check_model, down_target_type, open_header, permute_down,
                       read_ffn_layout, tensor_bytes, write_permuted)
@@ -113,6 +113,7 @@ def _calibration(runner: LlamaRunner, opts: ConvertOptions, text: str | None, se
             raise RippleError(f"calibration text has only {len(tokens)} tokens; pass at least "
                               f"{MIN_CALIB_TOKENS} tokens of text with --calib")
         sequences.append(tokens)
+        warn_if_starved(len(tokens), log)
         n_held = max(int(len(tokens) * opts.heldout_fraction), 64)
         calib_chunks = chunk_tokens(tokens[:-n_held], opts.n_ctx, runner.bos)
         held_chunks = chunk_tokens(tokens[-n_held:], opts.n_ctx, runner.bos)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .calib import MIN_CALIB_TOKENS, read_text_files, self_generated_tokens
+from .calib import MIN_CALIB_TOKENS, warn_if_starved, read_text_files, self_generated_tokens
 from .errors import RippleError
 from .ggml_quant import dequantize
 from .gguf_io import ffn_weight_bytes, kv, open_header, read_ffn_layout, tensor_bytes
@@ -63,6 +63,7 @@ def build_pack(gguf_path: str | Path, opts: PackOptions, tokens: list[int] | Non
             tokens = tokens[:opts.calib_tokens]
             if len(tokens) < MIN_CALIB_TOKENS:
                 raise RippleError(f"only {len(tokens)} calibration tokens; pass at least {MIN_CALIB_TOKENS} with --calib")
+            warn_if_starved(len(tokens), log)
             with stages("llama.cpp pass (pack)"):
                 xs, hs, n = capture_layers(runner, chunk_tokens(tokens, opts.n_ctx, runner.bos), opts.calib_tokens, tmp)
         n_eval = int(min(n, opts.calib_tokens) * 0.9)  # the predictors train on the first 80%

@@ -12,6 +12,7 @@ import sys
 import time
 
 from .errors import RippleError
+from .memory_budget import gguf_ffn_split
 from .perplexity import perplexity
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -46,20 +47,15 @@ def peak_rss() -> int:
     return _status_kb("VmHWM") * 1024
 
 
-def gguf_ffn_split(path: str) -> tuple[int, int]:
-    """(FFN weight bytes, everything else in the file) of a GGUF (header only: this runs on the load path)."""
-    from .gguf_io import ffn_weight_bytes, open_header, read_ffn_layout
-    r = open_header(path)
-    ffn = sum(ffn_weight_bytes(r, read_ffn_layout(r).n_layer))
-    return ffn, os.path.getsize(path) - ffn
-
-
 # --- loading -------------------------------------------------------------------------------------
 
 def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("gguf", help="converted .gguf (its OUT.ripple pack is found next to it)")
     m = p.add_mutually_exclusive_group()
-    m.add_argument("--memory-budget", metavar="SIZE", help="neuron cache size, e.g. 256MiB (default: the whole FFN)")
+    m.add_argument("--memory-budget", metavar="SIZE",
+                   help="neuron cache size, e.g. 256MiB (default: what this machine or its memory cgroup has "
+                        "available, minus non-FFN weights, KV cache, compute buffers and 10%% headroom, at most the "
+                        "whole FFN; `run --verbose` prints the split)")
     m.add_argument("--cache-ratio", type=float, metavar="R", help="neuron cache as a share of the FFN bytes, e.g. 0.25")
     p.add_argument("--dense", action="store_true", help="run the same GGUF on llama.cpp's stock dense path")
     p.add_argument("--allow-dense-fallback", action="store_true",
@@ -162,7 +158,7 @@ def _memory(args, llm, prep: dict, rss_before: int) -> dict:
     return {"peak_rss_bytes": peak, "rss_before_load_bytes": rss_before, "gguf_ffn_bytes": ffn,
             "gguf_non_ffn_bytes": other, "cache_bytes": st.get("cache_bytes"),
             "runtime_overhead_bytes": st.get("overhead_bytes"),
-            "verify_peak_rss_bytes": prep["verify_peak_rss_bytes"]}
+            "verify_peak_rss_bytes": prep["verify_peak_rss_bytes"], "budget_split": getattr(llm, "ripple_budget_split", None)}
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -205,7 +201,7 @@ def cmd_run(args) -> dict:
         "text": text, "prompt_tokens": prompt, "tokens": ids, "mode": s_end.get("mode"),
         "prompt": _phase(s_first, s0, len(prompt), t_first - t0),
         "generation": _phase(s_end, s_first, max(len(ids) - 1, 0), t_end - t_first),
-        "memory": _memory(args, llm, prep, rss_before),
+        "memory": _memory(args, llm, prep, rss_before), "operating_point": llm.ripple_point,
         "ripple": s_end,
     }
     g = result["generation"]
@@ -218,6 +214,11 @@ def cmd_run(args) -> dict:
                      f"{100 * (g['predicted_density'] or 0):.1f}%")
         line += f"; peak RSS {result['memory']['peak_rss_bytes'] / 2**20:.1f} MiB"
         print(line, file=sys.stderr)
+        if llm.ripple_point:
+            print(point_line(llm.ripple_point), file=sys.stderr)
+        if args.verbose and llm.ripple_budget_split:
+            from .memory_budget import describe
+            print(describe(llm.ripple_budget_split), file=sys.stderr)
     llm.close()
     return result
 

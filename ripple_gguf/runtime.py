@@ -143,7 +143,7 @@ def budget_bytes(pack: Pack, opts: RippleOptions) -> int:
     elif opts.memory_budget is not None:
         budget = parse_size(opts.memory_budget)
     else:
-        return ffn
+        return ffn  # the caller replaces it with memory_budget.default_cache_budget when it knows the model
     if budget < minimum:
         raise RippleError(f"memory budget {fmt_bytes(budget)} ({budget} bytes) cannot hold one layer's working set; "
                           f"the minimum for this model is {fmt_bytes(minimum)} ({minimum} bytes): pass "
@@ -190,6 +190,7 @@ class RippleLlama(llama_cpp.Llama):
         self.ripple_pack: Pack | None = None
         self.ripple_dense_reason: str | None = None
         self.ripple_point: dict | None = None
+        self.ripple_budget_split: dict | None = None  # how the default cache size was found (None: given)
         self._threshold_offset = float(threshold_offset)
         self._ripple_busy = threading.Lock()
         model_path = str(model_path)
@@ -205,6 +206,11 @@ class RippleLlama(llama_cpp.Llama):
         try:
             pack = pack or verified_pack(model_path, pack_path)
             budget = budget_bytes(pack, opts)
+            if opts.memory_budget is None and opts.cache_ratio is None:
+                from .memory_budget import default_cache_budget
+                budget, self.ripple_budget_split = default_cache_budget(
+                    model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
+                    max(pack.n_ff) * pack.bundle_bytes, max(0, pack.file_bytes - pack.ffn_pack_bytes))
             point = pack.op_default if quality is None else choose_point(pack, quality)
             lib = ripple_lib()
         except RippleError as e:

@@ -125,3 +125,10 @@ def test_bad_quality_is_a_one_line_error(converted):
     proc = run_cli("run", path, "-p", "hi", "-n", "2", "--quality", "lots")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "budget" in proc.stderr
+
+
+def test_starved_calibration_is_warned(tmp_path):
+    from conftest import CALIB, MODELS
+    proc = run_cli("convert", MODELS / SWIGLU, "-o", tmp_path / "m.gguf", "--calib", CALIB, "--calib-tokens", 1500,
+                   check=True)
+    assert "warning: only 1500 calibration tokens" in proc.stderr

@@ -218,7 +218,7 @@ def test_opening_and_running_never_reads_the_gguf_ffn(big_model):
     """Verifying the pack and loading used to pull both whole files into the page cache (a memmap
     of each, and 8 MiB readahead windows): fatal for a model larger than RAM."""
     from ripple_gguf.cgroup import drop_file_cache
-    from ripple_gguf.run_cli import gguf_ffn_split
+    from ripple_gguf.memory_budget import gguf_ffn_split
     from ripple_gguf.runtime import verified_pack
     pack_file = pack_path_for(big_model)
     ffn, other = gguf_ffn_split(str(big_model))
@@ -505,3 +505,43 @@ def test_serve_is_openai_compatible_on_loopback(packed):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_default_settings_run_in_a_cgroup_smaller_than_the_model(big_model):
+    """`ripple-gguf run model.gguf` with no budget flags on a machine with less memory than the model:
+    the default cache comes from the cgroup's limit (not the whole FFN), and the run completes."""
+    from ripple_gguf.cgroup import MemoryCgroup
+    from ripple_gguf.memory_budget import gguf_ffn_split
+    ffn, other = gguf_ffn_split(str(big_model))
+    limit = 170 * 2**20  # the GGUF is 110 MiB; the Python process with llama.cpp loaded takes ~60-70 MiB more
+    cg = MemoryCgroup.create(limit)
+    if cg is None:
+        pytest.skip(MemoryCgroup.why_unavailable())
+    with cg:
+        proc = subprocess.run([sys.executable, "-m", "ripple_gguf.cli", "run", str(big_model), "-p", "import os",
+                               "-n", "16", "--verbose", "--json"], preexec_fn=cg.preexec(), capture_output=True,
+                              text=True, timeout=600)
+        oom, peak = cg.oom_killed(), cg.peak_bytes()
+    line = next((l for l in proc.stderr.splitlines() if l.startswith("memory budget")), "")
+    print(line, f"; peak {(peak or 0) / 2**20:.1f} MiB of {limit / 2**20:.0f}")
+    assert proc.returncode == 0 and not oom, proc.stderr[-2000:]
+    res = json.loads(proc.stdout)
+    split = res["memory"]["budget_split"]
+    assert "memory cgroup" in split["available_from"] and split["available"] <= limit
+    assert split["cache"] < ffn and len(res["tokens"]) == 16
+
+
+def test_available_memory_sees_the_cgroup_limit():
+    """The default budget starts from the tightest limit: a memory cgroup, not the machine's RAM."""
+    from ripple_gguf.cgroup import MemoryCgroup
+    limit = 300 * 2**20
+    cg = MemoryCgroup.create(limit)
+    if cg is None:
+        pytest.skip(MemoryCgroup.why_unavailable())
+    with cg:
+        proc = subprocess.run([sys.executable, "-c", "import json; from ripple_gguf.cgroup import available_memory; "
+                               "print(json.dumps(available_memory()))"], preexec_fn=cg.preexec(),
+                              capture_output=True, text=True, timeout=120)
+    avail, source = json.loads(proc.stdout)
+    assert 0 < avail <= limit and "memory cgroup" in source
