@@ -184,7 +184,7 @@ def format_report(info: dict) -> str:
                   f"    {pk['bytes'] / 2**20:.2f} MiB = {100 * pk['overhead_vs_gguf']:.0f}% of the GGUF; "
                   f"{pk['bundle_bytes']} bytes per neuron bundle ({pk['weight_type']})",
                   f"    predictors {pk['predictor_bytes'] / 2**10:.0f} KiB = {100 * pk['predictor_vs_ffn']:.1f}% of the FFN bytes",
-                  f"    operating points (density: perplexity on calibration text; `run --quality PCT` picks one):"]
+                  "    operating points (density: perplexity on calibration text; `run --quality PCT` picks one):"]
         lines += [f"      {op['density']:.3f}: {100 * op['ppl_increase']:+.2f}%"
                   + (f"  <- default (budget {100 * pk['max_ppl_increase']:g}%)" if i == pk["default_point"] else "")
                   for i, op in enumerate(pk["operating_points"])]

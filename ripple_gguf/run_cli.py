@@ -6,7 +6,6 @@ Every command loads the GGUF with `RippleLlama` (the pack `OUT.ripple` next to i
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
