@@ -217,6 +217,8 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
         "ripple.pack.op.density": np.array([q.density for q in meta["points"]], dtype=np.float32),
         "ripple.pack.op.ppl_increase": np.array([q.ppl_increase for q in meta["points"]], dtype=np.float32),
         "ripple.pack.op.thresholds": np.concatenate([q.thresholds for q in meta["points"]]).astype(np.float32),
+        "ripple.pack.op.floor": np.array([q.floor for q in meta["points"]], dtype=np.float32),
+        "ripple.pack.pred_floor": float(meta["points"][meta["default_point"]].floor),
         "ripple.pack.op.default": int(meta["default_point"]),
         "ripple.pack.op.max_ppl_increase": float(meta["max_ppl_increase"]),
         "ripple.pack.op.ppl_tokens": int(meta["ppl_tokens"]),
@@ -302,6 +304,7 @@ class Pack:
     op_density: np.ndarray           # per operating point: mean predicted density (bytes-weighted)
     op_ppl_increase: np.ndarray      # per operating point: relative perplexity increase on calibration text
     op_thresholds: np.ndarray        # (points, n_layer) predictor thresholds
+    op_floor: np.ndarray             # per operating point: per-token floor share (ripple.pack.op.floor)
     op_default: int                  # the point whose thresholds are ripple.pack.pred_threshold
     op_budget: float                 # the budget the default was chosen for
     train_tokens: int
@@ -491,17 +494,21 @@ def _operating_points(r, n_layer: int, default_thresholds: np.ndarray, path, fix
     dens = kv_array(r, "ripple.pack.op.density")
     ppl = kv_array(r, "ripple.pack.op.ppl_increase")
     thr = kv_array(r, "ripple.pack.op.thresholds")
+    floor = kv_array(r, "ripple.pack.op.floor")
     default = kv(r, "ripple.pack.op.default")
     budget = kv(r, "ripple.pack.op.max_ppl_increase")
-    if dens is None or ppl is None or thr is None or not isinstance(default, int) or not isinstance(budget, float):
+    pred_floor = kv(r, "ripple.pack.pred_floor")
+    if (dens is None or ppl is None or thr is None or floor is None or not isinstance(default, int)
+            or not isinstance(budget, float) or not isinstance(pred_floor, float)):
         raise RippleError(f"{path}: operating points missing; {fix}")
     n = len(dens)
-    if (n < 1 or len(ppl) != n or len(thr) != n * n_layer or not 0 <= default < n
+    if (n < 1 or len(ppl) != n or len(thr) != n * n_layer or len(floor) != n or not 0 <= default < n
+            or not np.all((floor >= 0) & (floor <= 1)) or np.float32(pred_floor) != np.float32(floor[default])
             or not np.all(np.isfinite(thr)) or not np.all((dens > 0) & (dens <= 1)) or np.any(np.diff(dens) >= 0)
             or not np.array_equal(thr.reshape(n, n_layer)[default].astype(np.float32), default_thresholds.astype(np.float32))):
         raise RippleError(f"{path}: operating points malformed; {fix}")
     return (dens.astype(np.float64), ppl.astype(np.float64), thr.reshape(n, n_layer).astype(np.float32),
-            int(default), float(budget))
+            floor.astype(np.float32), int(default), float(budget))
 
 
 def check_header_sum(r: GGUFHeader, path: Path, fix: str) -> None:

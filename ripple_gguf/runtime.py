@@ -105,9 +105,10 @@ def ripple_lib():
         "llama_ripple_detach": ([vp], ctypes.c_int32),
         "llama_ripple_inject_fault": ([vp, ctypes.c_int64, ctypes.c_int32], ctypes.c_int32),  # test hook
         "llama_ripple_set_thresholds": ([vp, ctypes.POINTER(ctypes.c_float), ctypes.c_int32], ctypes.c_int32),
+        "llama_ripple_set_floor": ([vp, ctypes.c_float], ctypes.c_int32),
     }
     for name, (args, res) in sig.items():
-        if name in ("llama_ripple_inject_fault", "llama_ripple_set_thresholds") and not hasattr(lib, name):
+        if name in ("llama_ripple_inject_fault", "llama_ripple_set_thresholds", "llama_ripple_set_floor") and not hasattr(lib, name):
             continue  # in libraries built from patches of this version on
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
@@ -165,8 +166,8 @@ def choose_point(pack: Pack, quality) -> int:
     """The stored operating point for a perplexity budget ('2%', 0.02; 0 = dense)."""
     from .quality import OperatingPoint, choose, parse_budget
     budget = parse_budget(quality)
-    return choose([OperatingPoint(float(d), t, float(q)) for d, t, q in
-                   zip(pack.op_density, pack.op_thresholds, pack.op_ppl_increase)], budget)
+    return choose([OperatingPoint(float(d), t, float(q), float(f)) for d, t, q, f in
+                   zip(pack.op_density, pack.op_thresholds, pack.op_ppl_increase, pack.op_floor)], budget)
 
 
 class RippleLlama(llama_cpp.Llama):
@@ -321,12 +322,13 @@ class RippleLlama(llama_cpp.Llama):
             raise RippleError(f"operating point {index} does not exist; the pack has {len(pk.op_density)}")
         if index != pk.op_default or self.ripple_point is not None:
             lib = ripple_lib()
-            if not hasattr(lib, "llama_ripple_set_thresholds"):
+            if not hasattr(lib, "llama_ripple_set_floor"):
                 raise RippleError("this llama-cpp-python build cannot change operating points; run tools/setup.sh")
             thr = np.ascontiguousarray(pk.op_thresholds[index] + np.float32(self._threshold_offset), dtype=np.float32)
-            if lib.llama_ripple_set_thresholds(self.model, thr.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(thr)) != 0:
+            if (lib.llama_ripple_set_thresholds(self.model, thr.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(thr)) != 0
+                    or lib.llama_ripple_set_floor(self.model, float(pk.op_floor[index])) != 0):
                 raise RippleError("the runtime refused the operating point's thresholds")
-        self.ripple_point = {"index": index, "density": float(pk.op_density[index]),
+        self.ripple_point = {"index": index, "density": float(pk.op_density[index]), "floor": float(pk.op_floor[index]),
                              "ppl_increase": float(pk.op_ppl_increase[index]), "default": index == pk.op_default}
         return self.ripple_point
 

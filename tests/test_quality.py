@@ -132,3 +132,32 @@ def test_starved_calibration_is_warned(tmp_path):
     proc = run_cli("convert", MODELS / SWIGLU, "-o", tmp_path / "m.gguf", "--calib", CALIB, "--calib-tokens", 1500,
                    check=True)
     assert "warning: only 1500 calibration tokens" in proc.stderr
+
+
+def test_per_token_floor_keeps_the_top_share_of_every_token(converted):
+    """The runtime's floor: with every threshold out of reach, each token computes exactly its top
+    ceil(share * n_ff) neurons; a floor of 1 computes all (== the all-active logits)."""
+    from ripple_gguf.runtime import ripple_lib
+    import ctypes
+    path = str(converted(SWIGLU, "f16"))
+    pk = verified_pack(path)
+    lib = ripple_lib()
+    llm = RippleLlama(path, pack=pk, n_ctx=256, verbose=False, logits_all=True)
+    try:
+        ps = prompts(llm, n=2, length=48)
+        high = np.full(pk.n_layer, 1e30, dtype=np.float32)
+        assert lib.llama_ripple_set_thresholds(llm.model, high.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), pk.n_layer) == 0
+        assert lib.llama_ripple_set_floor(llm.model, 0.5) == 0
+        llm.ripple_reset_stats()
+        all_logits(llm, ps)
+        assert llm.ripple_stats()["predicted_density"] == pytest.approx(0.5, abs=0.01)
+        assert lib.llama_ripple_set_floor(llm.model, 1.0) == 0
+        full = all_logits(llm, ps)
+        assert lib.llama_ripple_set_floor(llm.model, 1.5) == -1  # refused, nothing changed
+    finally:
+        llm.close()
+    ref = RippleLlama(path, pack=pk, n_ctx=256, verbose=False, logits_all=True, all_active=True)
+    try:
+        np.testing.assert_array_equal(full, all_logits(ref, ps))
+    finally:
+        ref.close()
