@@ -107,11 +107,17 @@ def generate_batches(runner, n_tokens: int, seed: int, sequences: list[list[int]
 def self_generated_tokens(model_path: Path, n_tokens: int, n_ctx: int, seed: int = 0) -> list[int]:
     """Sample text from the model itself (see generate_batches): calibration that needs no data
     at all, for fully offline conversion. Real text from the target domain is better (--calib)."""
-    from .llama_capture import LlamaRunner
-    sequences: list[list[int]] = []
     n_seq = min(GEN_SEQS, max(1, n_tokens // 64))
     seq_len = max(32, min(n_ctx, -(-n_tokens // n_seq)))
+    sequences = self_generated_sequences(model_path, n_tokens, seq_len, n_seq, seed)
+    return [t for seq in sequences for t in seq][:n_tokens]
+
+
+def self_generated_sequences(model_path: Path, n_tokens: int, seq_len: int, n_seq: int, seed: int) -> list[list[int]]:
+    """About n_tokens of text the model samples itself, as token sequences of at most seq_len."""
+    from .llama_capture import LlamaRunner
+    sequences: list[list[int]] = []
     with LlamaRunner(model_path, n_ctx=seq_len, capture_intermediate=False, n_seq=n_seq) as runner:
         for _ in generate_batches(runner, n_tokens, seed, sequences):
             pass
-    return [t for seq in sequences for t in seq][:n_tokens]
+    return sequences

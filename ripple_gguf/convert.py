@@ -31,7 +31,7 @@ from .index_keys import RippleIndex
 from .llama_capture import LlamaRunner
 from .llama_quantize import FTYPES, quantize_gguf
 from .make_pack import PackOptions, build_pack, pack_from_recording, runner_bos
-from .quality import calibration_chunks
+from .quality import calibration_chunks, neutral_chunks
 from .pack import check_pack_types, pack_path_for
 from .placement import PLACEMENTS, group_starts, order_neurons, reads_by_method
 from .profile import chunk_batches, chunk_tokens, record
@@ -143,7 +143,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, log=print, file: st
     # the final weights differ from the profiled ones only when llama.cpp's quantizer runs
     quantize_to = outtype if outtype is not None and not (not from_gguf and outtype in HF_FLOAT) else None
     down_type = QT[opts.down_type.upper()] if opts.down_type else (QT.F32 if from_gguf and quantize_to else None)
-    pack_opts = PackOptions(max_ppl_increase=opts.max_ppl_increase, n_ctx=opts.n_ctx, seed=opts.seed)
+    pack_opts = PackOptions(calib=list(opts.calib), max_ppl_increase=opts.max_ppl_increase, n_ctx=opts.n_ctx, seed=opts.seed)
     stages = Stages(log)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -225,9 +225,12 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, log=print, file: st
                 # perplexity of the operating points: on calibration text the predictors did not
                 # train on (the text's tail; of self-generated text, the sequences finished last)
                 tail = [sequences[0][int(len(sequences[0]) * 0.9):]] if text is not None else sequences[::-1]
-                chunks = calibration_chunks(tail, opts.n_ctx, runner_bos(final))
+                bos = runner_bos(final)
+                chunk_sets = [calibration_chunks(tail, opts.n_ctx, bos)]
+                if text is not None:  # and text of the model's own: the user's text alone came out optimistic
+                    chunk_sets.append(neutral_chunks(final, bos, opts.seed + 1))
                 pack_summary = pack_from_recording(final, rec.xs, rec.hs, rec.n_kept, orders, act.thresholds,
-                                                   pack_opts, part, stages, chunks)
+                                                   pack_opts, part, stages, chunk_sets)
         rec = None  # drop the memory maps before the directory goes
         os.replace(final, out)
         stale = pack_path_for(out)

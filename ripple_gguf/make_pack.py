@@ -67,8 +67,11 @@ def build_pack(gguf_path: str | Path, opts: PackOptions, tokens: list[int] | Non
             with stages("llama.cpp pass (pack)"):
                 xs, hs, n = capture_layers(runner, chunk_tokens(tokens, opts.n_ctx, runner.bos), opts.calib_tokens, tmp)
         n_eval = int(min(n, opts.calib_tokens) * 0.9)  # the predictors train on the first 80%
-        chunks = quality.calibration_chunks([tokens[n_eval:]], opts.n_ctx, runner_bos(gguf_path))
-        return pack_from_recording(gguf_path, xs, hs, n, None, index.thresholds, opts, out, stages, chunks)
+        bos = runner_bos(gguf_path)
+        chunk_sets = [quality.calibration_chunks([tokens[n_eval:]], opts.n_ctx, bos)]
+        if opts.calib:
+            chunk_sets.append(quality.neutral_chunks(gguf_path, bos, opts.seed + 1))
+        return pack_from_recording(gguf_path, xs, hs, n, None, index.thresholds, opts, out, stages, chunk_sets)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -85,12 +88,12 @@ def down_col_sq(header, il: int, n_ff: int) -> np.ndarray:
 
 def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarray], n: int,
                         orders: list[np.ndarray] | None, thresholds: np.ndarray, opts: PackOptions,
-                        out: Path, stages, ppl_chunks: list[list[int]]) -> dict:
+                        out: Path, stages, ppl_chunk_sets: list) -> dict:
     """Train and evaluate the per-layer predictors on recorded FFN inputs `xs` and intermediates
     `hs` (first `n` tokens; columns in original order, put into stored order by `orders`, or already
-    stored with orders=None), derive the operating points (quality.py; perplexity measured on
-    `ppl_chunks`, token chunks the predictors did not train on) and write the pack for `gguf_path`
-    to `out`."""
+    stored with orders=None), derive the operating points (quality.py; perplexity measured on each
+    set of token chunks in `ppl_chunk_sets`, text the predictors did not train on, the worst kept)
+    and write the pack for `gguf_path` to `out`."""
     _check(opts)
     header = open_header(gguf_path)
     layout = read_ffn_layout(header)
@@ -116,7 +119,7 @@ def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarr
             predictors.append(p)
     with stages("operating points (perplexity per density)"):
         points = quality.operating_points(curves, ffn_bytes)
-        points, dense_ppl = quality.measure(points, gguf_path, ppl_chunks, opts.n_ctx, predictors)
+        points, dense_ppl = quality.measure(points, gguf_path, ppl_chunk_sets, opts.n_ctx, predictors)
         default = quality.choose(points, opts.max_ppl_increase)
     for p, t in zip(predictors, points[default].thresholds):
         p.threshold = float(t)
@@ -128,7 +131,7 @@ def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarr
             stats[k].append(v)
     meta = {"act_threshold": thresholds,
             "train_tokens": n_train, "eval_tokens": n - n_tune, "points": points, "default_point": default,
-            "max_ppl_increase": opts.max_ppl_increase, "ppl_tokens": sum(len(c) for c in ppl_chunks)}
+            "max_ppl_increase": opts.max_ppl_increase, "ppl_tokens": sum(len(c) for cs in ppl_chunk_sets for c in cs)}
     part = out.with_name(f".{out.name}.part")
     try:
         with stages("write pack"), tqdm(total=layout.n_layer, desc="writing pack", unit="layer", leave=False) as bar:
