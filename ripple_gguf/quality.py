@@ -27,6 +27,10 @@ DEFAULT_BUDGET = 0.02                                   # --max-ppl-increase def
 DENSE_THRESHOLD = -1e30                                 # every score passes (finite: the C side checks)
 FLOOR_RATIO = 0.75      # per-token floor of a point = this x its target density (see OperatingPoint.floor)
 PPL_TOKENS = 1024                                       # held-out calibration tokens each point is measured on
+# A point must measure within this share of the budget: ~1,000 tokens are a noisy estimate, and on
+# SmolLM2 the sparsest points within 2% cost 3x their estimate on held-out prose (Q4_K_M: +1.9% ->
+# +5.8%); the full budget would not hold.
+ESTIMATE_SHARE = 0.5
 
 
 @dataclass
@@ -93,7 +97,8 @@ def operating_points(curves: list[LayerCurve], layer_bytes, targets=TARGETS) -> 
 
 def choose(points: list[OperatingPoint], budget: float) -> int:
     """Index of the sparsest point (points run densest to sparsest) whose measured increase, and
-    every denser point's, is within `budget`; the dense point 0 always qualifies."""
+    every denser point's, is within ESTIMATE_SHARE of `budget`; the dense point 0 always qualifies."""
+    budget = budget * ESTIMATE_SHARE
     best, worst = 0, 0.0
     for i, p in enumerate(points[1:], 1):
         # conservative against measurement noise: a point counts only if every denser one also fits

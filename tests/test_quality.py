@@ -42,8 +42,9 @@ def test_layer_curve_thresholds_keep_their_share():
 def test_budget_choice_is_conservative_against_noise():
     pts = [quality.OperatingPoint(d, np.zeros(1), q) for d, q in
            [(1.0, 0.0), (0.9, 0.01), (0.8, 0.025), (0.7, 0.015), (0.6, 0.05)]]
-    assert quality.choose(pts, 0.02) == 1   # 0.7 measured +1.5% but 0.8 already broke the budget
-    assert quality.choose(pts, 0.03) == 3
+    half = 1 / quality.ESTIMATE_SHARE  # a point must measure within that share of the budget
+    assert quality.choose(pts, 0.02 * half) == 1   # 0.7 measured +1.5% but 0.8 already broke the budget
+    assert quality.choose(pts, 0.03 * half) == 3
     assert quality.choose(pts, 0.0) == 0
     assert quality.parse_budget("2%") == pytest.approx(0.02) == quality.parse_budget("0.02")
     with pytest.raises(RippleError):
