@@ -32,7 +32,7 @@ def drop_file_cache(path) -> None:
         os.close(fd)
 
 
-def _read(path: str) -> str | None:
+def read_text(path: str) -> str | None:
     try:
         with open(path) as f:
             return f.read()
@@ -49,29 +49,41 @@ def _write(path: str, value) -> bool:
         return False
 
 
-def _mounts() -> list[tuple[str, str, str]]:
-    """(version, mount point, mount root) of the memory-capable cgroup mounts, v1 first."""
+def _mounts(controller: str = "memory") -> list[tuple[str, str, str]]:
+    """(version, mount point, mount root) of the cgroup mounts with `controller`, v1 first."""
     found = []
-    for line in (_read("/proc/self/mountinfo") or "").splitlines():
+    for line in (read_text("/proc/self/mountinfo") or "").splitlines():
         left, _, right = line.partition(" - ")
         f, r = left.split(), right.split()
         if len(f) < 5 or len(r) < 3:
             continue
         root, point = f[3], f[4]
-        if r[0] == "cgroup" and "memory" in r[2].split(","):
+        if r[0] == "cgroup" and controller in r[2].split(","):
             found.append(("v1", point, root))
-        elif r[0] == "cgroup2" and "memory" in (_read(os.path.join(point, "cgroup.controllers")) or "").split():
+        elif r[0] == "cgroup2" and controller in (read_text(os.path.join(point, "cgroup.controllers")) or "").split():
             found.append(("v2", point, root))
     return sorted(found, key=lambda m: m[0])
 
 
-def _own_path(version: str) -> str:
+def _own_path(version: str, controller: str = "memory") -> str:
     """This process's cgroup path in the hierarchy ("/" if unknown)."""
-    for line in (_read("/proc/self/cgroup") or "").splitlines():
+    for line in (read_text("/proc/self/cgroup") or "").splitlines():
         _, ctrls, path = line.split(":", 2)
-        if (version == "v1" and "memory" in ctrls.split(",")) or (version == "v2" and ctrls == ""):
+        if (version == "v1" and controller in ctrls.split(",")) or (version == "v2" and ctrls == ""):
             return path
     return "/"
+
+
+def own_dirs(controller: str):
+    """(version, directory) of every `controller` cgroup from this process's own up to the root."""
+    for version, point, root in _mounts(controller):
+        own = _own_path(version, controller)
+        d = os.path.normpath(os.path.join(point, os.path.relpath(own, root) if own.startswith(root) else "."))
+        while d.startswith(point):
+            yield version, d
+            if d == point:
+                break
+            d = os.path.dirname(d)
 
 
 def _parents() -> list[tuple[str, str]]:
@@ -87,7 +99,7 @@ def _parents() -> list[tuple[str, str]]:
 
 
 def _meminfo_available() -> int | None:
-    for line in (_read("/proc/meminfo") or "").splitlines():
+    for line in (read_text("/proc/meminfo") or "").splitlines():
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     return None
@@ -106,24 +118,18 @@ def available_memory() -> tuple[int | None, str]:
     MemAvailable and, for every memory cgroup from this process's up to the root, its limit minus
     its usage plus the file cache it could drop (inactive files). (None, why) if nothing is known."""
     best, where = _meminfo_available(), "MemAvailable"
-    for version, point, root in _mounts():
-        own = _own_path(version)
-        d = os.path.normpath(os.path.join(point, os.path.relpath(own, root) if own.startswith(root) else "."))
-        while d.startswith(point):
-            if version == "v2":
-                limit, usage = _read(os.path.join(d, "memory.max")), _read(os.path.join(d, "memory.current"))
-                inactive = _stat_value(_read(os.path.join(d, "memory.stat")), "inactive_file")
-            else:
-                limit, usage = _read(os.path.join(d, "memory.limit_in_bytes")), _read(os.path.join(d, "memory.usage_in_bytes"))
-                inactive = _stat_value(_read(os.path.join(d, "memory.stat")), "total_inactive_file", "inactive_file")
-            lim = (limit or "").strip()
-            if lim.isdigit() and int(lim) < 2**60 and (usage or "").strip().isdigit():
-                free = int(lim) - int(usage) + inactive
-                if best is None or free < best:
-                    best, where = max(free, 0), f"memory cgroup {d} (limit {int(lim)} bytes)"
-            if d == point:
-                break
-            d = os.path.dirname(d)
+    for version, d in own_dirs("memory"):
+        if version == "v2":
+            limit, usage = read_text(os.path.join(d, "memory.max")), read_text(os.path.join(d, "memory.current"))
+            inactive = _stat_value(read_text(os.path.join(d, "memory.stat")), "inactive_file")
+        else:
+            limit, usage = read_text(os.path.join(d, "memory.limit_in_bytes")), read_text(os.path.join(d, "memory.usage_in_bytes"))
+            inactive = _stat_value(read_text(os.path.join(d, "memory.stat")), "total_inactive_file", "inactive_file")
+        lim = (limit or "").strip()
+        if lim.isdigit() and int(lim) < 2**60 and (usage or "").strip().isdigit():
+            free = int(lim) - int(usage) + inactive
+            if best is None or free < best:
+                best, where = max(free, 0), f"memory cgroup {d} (limit {int(lim)} bytes)"
     return best, where
 
 
@@ -189,12 +195,12 @@ class MemoryCgroup:
 
     def peak_bytes(self) -> int | None:
         """Highest charge (anon + page cache) seen; None where the kernel does not keep it (old v2)."""
-        raw = _read(self._f("memory.max_usage_in_bytes" if self.version == "v1" else "memory.peak"))
+        raw = read_text(self._f("memory.max_usage_in_bytes" if self.version == "v1" else "memory.peak"))
         return int(raw) if raw and raw.strip().isdigit() else None
 
     def oom_killed(self) -> bool | None:
         """Whether the kernel's OOM killer fired inside this cgroup (None if not knowable)."""
-        raw = _read(self._f("memory.oom_control" if self.version == "v1" else "memory.events"))
+        raw = read_text(self._f("memory.oom_control" if self.version == "v1" else "memory.events"))
         for line in (raw or "").splitlines():
             k, _, v = line.partition(" ")
             if k == "oom_kill":

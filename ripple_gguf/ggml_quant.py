@@ -9,13 +9,13 @@ whose length is not a multiple of a type's block.
 from __future__ import annotations
 
 import ctypes
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from .cpus import usable_cpus
 from .errors import RippleError
 
 # llama.cpp's tensor_type_fallback: 256-block types -> a 32-block type of similar size
@@ -109,7 +109,7 @@ def fallback_type(qtype, n_per_row: int, have_imatrix: bool = False) -> QT:
 
 
 def _threads(n_rows: int) -> int:
-    return max(1, min(os.cpu_count() or 1, n_rows // 64 or 1))
+    return max(1, min(usable_cpus(), n_rows // 64 or 1))
 
 
 def dequantize(raw: np.ndarray, qtype, n_per_row: int) -> np.ndarray:

@@ -9,13 +9,13 @@ nodes: `ffn_norm-N` (what the FFN sees) and the FFN intermediate that feeds ffn_
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import numpy as np
 import llama_cpp
 from llama_cpp._logger import set_verbose
 
+from .cpus import idle_cores
 from .errors import RippleError
 from .interrupt import deferred
 
@@ -48,16 +48,6 @@ class GgmlTensor(ctypes.Structure):
         ("extra", ctypes.c_void_p),
         ("padding", ctypes.c_char * 8),
     ]
-
-
-def idle_cores() -> int:
-    """Threads for llama.cpp: the cores other processes leave idle (1-minute load average), at
-    least 1. ggml's threads spin at every barrier, and observing nodes (cb_eval) puts a barrier
-    after each of them: on a 2-core machine with one other busy process, 2 threads decoded 4-6x
-    slower than 1 (SmolLM2, batched generation with capture: 13-21 vs 80 tokens/s)."""
-    cpus = os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return int(max(1, min(cpus, cpus + 1 - round(busy))))
 
 
 def _split_name(name: str) -> tuple[str, int]:

@@ -4,12 +4,12 @@ mixes (q4_k_m, ...) pick per-tensor types exactly as `llama-quantize` does, and 
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .cpus import usable_cpus
 from .errors import RippleError
 
 # enum llama_ftype (include/llama.h of the pinned llama.cpp)
@@ -31,7 +31,7 @@ def quantize_gguf(src: Path, dst: Path, ftype: str, allow_requantize: bool = Fal
         raise RippleError(f"unknown quantization {ftype!r}; choose one of {', '.join(FTYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[ftype]
-    params.nthread = os.cpu_count() or 1
+    params.nthread = usable_cpus()
     params.allow_requantize = allow_requantize
     result = {}
     # a daemon thread, so Ctrl-C in the main thread can end the process while llama.cpp is busy

@@ -20,6 +20,12 @@ def chunk_nll(logits, chunk: list[int], first: int) -> float:
     return float(np.sum(lse - lg[np.arange(len(targets)), targets]))
 
 
+def ppl_from_nll(nll: float, count: int) -> float:
+    """exp(mean NLL); inf where that overflows (a damaged model's losses can be astronomical)."""
+    mean = nll / max(count, 1)
+    return math.exp(mean) if mean < 700 else math.inf
+
+
 def perplexity(llm, tokens: list[int], n_ctx: int, bos: int | None, max_chunks: int | None = None,
                progress=None) -> tuple[float, int]:
     """llama-perplexity's measure on a `llama_cpp.Llama`: independent n_ctx chunks (first token
@@ -41,5 +47,5 @@ def perplexity(llm, tokens: list[int], n_ctx: int, bos: int | None, max_chunks: 
         nll += chunk_nll(llm.scores, chunk, first)
         count += len(chunk) - 1 - first
         if progress:
-            progress(c + 1, n_chunk, math.exp(nll / count))
-    return math.exp(nll / count), count
+            progress(c + 1, n_chunk, ppl_from_nll(nll, count))
+    return ppl_from_nll(nll, count), count

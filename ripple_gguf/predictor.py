@@ -8,11 +8,12 @@ FFN's output. The score is used as a ranking: each layer's threshold comes from 
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+
+from .cpus import idle_cores
 
 PRED_BUDGET = 0.05  # predictor bytes at most ~5% of the FFN bytes it guards
 MIN_STEPS = 300     # Adam steps at least, however few the tokens: steps, not passes, set the quality
@@ -57,11 +58,7 @@ def torch_threads(large: bool):
     slower, and even 8B-size layers (placement and training) 1.2-3x slower than 1 thread. The
     1-minute load average stands in for "cores other processes keep busy"."""
     import torch
-    cpus = os.cpu_count() or 1
-    n = 1
-    if large and cpus > 1:
-        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        n = int(max(1, min(cpus, cpus + 1 - round(busy))))
+    n = idle_cores() if large else 1
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

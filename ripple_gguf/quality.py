@@ -183,7 +183,7 @@ def masked_perplexities(gguf_path, chunks: list[list[int]], rules: list, n_ctx: 
     """Perplexity of the stock model on `chunks` (scored on each chunk's second half) for each rule
     (None: dense), in one loaded model."""
     from .llama_capture import LlamaRunner
-    from .perplexity import chunk_nll
+    from .perplexity import chunk_nll, ppl_from_nll
     if not chunks:
         raise RippleError("no calibration tokens left to measure perplexity on; pass more --calib text")
     needs_gate = any(getattr(r, "needs_gate", False) for r in rules)
@@ -198,7 +198,7 @@ def masked_perplexities(gguf_path, chunks: list[list[int]], rules: list, n_ctx: 
                 first = len(c) // 2
                 nll += chunk_nll(logits, c, first)
                 count += len(c) - 1 - first
-            out.append(math.exp(nll / max(count, 1)))
+            out.append(ppl_from_nll(nll, count))
     return out
 
 
@@ -221,6 +221,9 @@ def measure(points: list[OperatingPoint], gguf_path, chunk_sets: list, n_ctx: in
         rules = [None] + [predictor_rule(predictors, p.thresholds, p.floor, c if k == 0 else None)
                           for p, c in zip(points[1:], counts)]
         ppls = masked_perplexities(gguf_path, chunks, rules, n_ctx)
+        if not math.isfinite(ppls[0]) or ppls[0] > 1e6:  # damaged weights that stay finite but say nothing
+            raise RippleError(f"the model's perplexity on the calibration text is {ppls[0]:.3g}: its weights are "
+                              "damaged; check the file (re-download or reconvert it)")
         incs.append([v / ppls[0] - 1.0 for v in ppls[1:]])
         dense = ppls[0] if dense is None else dense
     points[0].ppl_increase = 0.0

@@ -22,6 +22,7 @@ def test_fuzz_campaign(converted):
     c = res["counts"]
     print(f"fuzz: {res['cases']} cases (seed {res['seed']}) in {res['seconds']} s: {c}")
     print("by driver:", res["by_driver"])
+    print("slowest case per driver (s):", res["slowest_seconds"])
     for f in res["failures"]:
         print("  FAILURE", f)
     assert sum(c.values()) == 1000

@@ -154,7 +154,7 @@ QUALITY_MARGIN = 0.02  # held-out text vs the calibration estimate the default p
 
 def stock_perplexity(path, max_chunks=None) -> float:
     from ripple_gguf.perplexity import perplexity
-    from ripple_gguf.llama_capture import idle_cores
+    from ripple_gguf.cpus import idle_cores
     llm = Llama(str(path), n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True, n_threads=idle_cores(), seed=0,
                 verbose=False)
     try:

@@ -311,3 +311,23 @@ def test_header_reader_refuses_damage_with_a_clear_error(converted, tmp_path):
             refused += 1
             assert "\n" not in str(e) and str(bad) in str(e)
     assert refused >= 8  # every truncation at least
+
+
+def test_pack_refuses_a_model_whose_perplexity_overflows(converted, tmp_path):
+    """Damaged weights that keep every FFN activation finite but make the logits absurd (here the
+    output norm scaled by 1e6) were a traceback (OverflowError in exp) found by the fuzz campaign;
+    now a one-line error naming the problem."""
+    from ripple_gguf.gguf_io import open_header
+    src = converted("tiny-llama-swiglu", "f32")
+    bad = tmp_path / "m.gguf"
+    shutil.copy(src, bad)
+    t = next(t for t in open_header(bad).tensors if t.name == "output_norm.weight")
+    with open(bad, "r+b") as f:
+        f.seek(t.data_offset)
+        w = np.frombuffer(f.read(t.n_bytes), dtype=np.float32) * np.float32(1e6)
+        f.seek(t.data_offset)
+        f.write(w.tobytes())
+    r = run_cli("pack", bad, "--calib", CALIB, "--calib-tokens", 2048)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "perplexity" in r.stderr
+    assert not pack_path_for(bad).exists()

@@ -301,9 +301,12 @@ def worker_main(gguf: str) -> None:
 # --- the parent -------------------------------------------------------------------------------------
 
 class Proc:
-    def __init__(self, gguf: Path):
+    def __init__(self, gguf: Path, threads: int):
+        # the workers share the machine's cores: each capped to its share, or llama.cpp's spinning threads
+        # (`pack` runs llama.cpp passes and torch) oversubscribe them and a case can take minutes
+        env = {**os.environ, "RIPPLE_THREADS": str(threads)}
         self.p = subprocess.Popen([sys.executable, __file__, "--worker", str(gguf)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, bufsize=1, cwd=ROOT)
+                                  stdout=subprocess.PIPE, text=True, bufsize=1, cwd=ROOT, env=env)
         ready = self.read(600)
         if not ready or not ready.get("ready"):
             raise SystemExit("a fuzz worker did not start (does the undamaged model run?)")
@@ -329,9 +332,11 @@ def campaign(gguf: Path, cases: int, seed: int, workers: int, timeout: float, lo
     rng = random.Random(seed)
     todo = [make_case(rng, i, maps) for i in range(cases)]
     pending = list(reversed(todo))
-    counts, by_driver, notes = Counter(), Counter(), []
+    counts, by_driver, notes, slowest = Counter(), Counter(), [], {}
     t0 = time.perf_counter()
-    pool = [Proc(gguf) for _ in range(workers)]
+    from ripple_gguf.cpus import usable_cpus
+    threads = max(1, usable_cpus() // workers)
+    pool = [Proc(gguf, threads) for _ in range(workers)]
     done = 0
     while done < cases:
         for w in pool:
@@ -365,11 +370,12 @@ def campaign(gguf: Path, cases: int, seed: int, workers: int, timeout: float, lo
                 status = "missed" if covered else "same"
             counts[status] += 1
             by_driver[(case["driver"], status)] += 1
+            slowest[case["driver"]] = max(slowest.get(case["driver"], 0.0), res.get("seconds", timeout))
             if status in ("crash", "hang", "traceback", "silent", "missed"):
                 notes.append({**case, **res, "status": status})
             done += 1
             if res["status"] in ("crash", "hang"):
-                pool[i] = Proc(gguf)
+                pool[i] = Proc(gguf, threads)
             else:
                 w.case = None
             if done % 100 == 0:
@@ -379,6 +385,7 @@ def campaign(gguf: Path, cases: int, seed: int, workers: int, timeout: float, lo
     bad = sum(counts[k] for k in ("crash", "hang", "traceback", "silent", "missed"))
     return {"cases": cases, "seed": seed, "seconds": round(time.perf_counter() - t0, 1), "counts": dict(counts),
             "by_driver": {f"{d}:{s}": n for (d, s), n in sorted(by_driver.items())}, "failures": notes[:20],
+            "slowest_seconds": slowest,
             "ok": bad == 0}
 
 
