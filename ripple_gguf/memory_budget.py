@@ -66,6 +66,18 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
     return cache, split
 
 
+def whole_model_fits(model_path: str, n_ctx: int) -> tuple[bool, str]:
+    """Does the whole GGUF (every weight resident), the KV cache and compute fit in what is available,
+    with the same headroom as the default cache? (fits, a line saying so)."""
+    avail, source = available_memory()
+    if avail is None:
+        return False, "available memory unknown"
+    need = os.path.getsize(model_path) + kv_cache_bytes(model_path, n_ctx) + COMPUTE_ALLOWANCE + RUNTIME_ALLOWANCE
+    headroom = max(64 * MIB, avail // 10)
+    return need + headroom <= avail, (f"the whole model ({need / MIB:.0f} MiB with KV cache and compute) fits in "
+                                      f"{avail / MIB:.0f} MiB available ({source})")
+
+
 def describe(split: dict) -> str:
     """One line for `run --verbose`: how the default cache size came about."""
     mib = lambda b: f"{b / MIB:.0f} MiB"

@@ -88,7 +88,8 @@ def _ripple_kwargs(args) -> dict:
                 dense=args.dense, dense_fallback=args.allow_dense_fallback, all_active=args.all_active,
                 io_threads=args.io_threads, direct_io=args.direct_io, pin_percent=args.pin_percent,
                 t0_us=args.t0_us, bw_mbps=args.bw_mbps, merge_gap_bytes=args.merge_gap,
-                threshold_offset=args.threshold_offset, warm_cache=not args.cold_cache, quality=args.quality)
+                threshold_offset=args.threshold_offset, warm_cache=not args.cold_cache, quality=args.quality,
+                stock_when_dense=not getattr(args, "curve", False))  # the curve moves along every point
 
 
 def _n_ctx(args, default: int = 2048) -> int:
@@ -213,8 +214,7 @@ def cmd_run(args) -> dict:
                      f"{100 * (g['predicted_density'] or 0):.1f}%")
         line += f"; peak RSS {result['memory']['peak_rss_bytes'] / 2**20:.1f} MiB"
         print(line, file=sys.stderr)
-        if llm.ripple_point:
-            print(point_line(llm.ripple_point), file=sys.stderr)
+        print_mode_note(args, llm, sys.stderr)
         if args.verbose and llm.ripple_budget_split:
             from .memory_budget import describe
             print(describe(llm.ripple_budget_split), file=sys.stderr)
@@ -259,12 +259,19 @@ def cmd_eval(args) -> dict:
             extra = (f"; predicted density {100 * (e['predicted_density'] or 0):.1f}%, "
                      f"{e['reads_per_token']:.2f} reads/token, cache hit rate {100 * (e['cache_hit_rate'] or 0):.1f}%")
         print(f"perplexity {ppl:.4f} over {scored} tokens ({result['mode']}; {e['tokens_per_s'] or 0:.0f} tokens/s{extra})")
-        if llm.ripple_point:
-            print(point_line(llm.ripple_point))
+        print_mode_note(args, llm, sys.stdout)
         if "curve" in result:
             print_curve(result["curve"])
     llm.close()
     return result
+
+
+def print_mode_note(args, llm, out) -> None:
+    """The operating point in use, and why the stock path ran if it did."""
+    if llm.ripple_point:
+        print(point_line(llm.ripple_point), file=out)
+    if llm.ripple_dense_reason and not args.dense:
+        print(f"stock path: {llm.ripple_dense_reason}", file=out)
 
 
 def point_line(pt: dict) -> str:

@@ -170,6 +170,11 @@ def choose_point(pack: Pack, quality) -> int:
                    zip(pack.op_density, pack.op_thresholds, pack.op_ppl_increase, pack.op_floor)], budget)
 
 
+def _point_info(pk: Pack, index: int) -> dict:
+    return {"index": index, "density": float(pk.op_density[index]), "floor": float(pk.op_floor[index]),
+            "ppl_increase": float(pk.op_ppl_increase[index]), "default": index == pk.op_default}
+
+
 class RippleLlama(llama_cpp.Llama):
     """A `llama_cpp.Llama` whose FFNs run sparsely from `OUT.ripple` (found next to the GGUF).
 
@@ -179,6 +184,8 @@ class RippleLlama(llama_cpp.Llama):
     RippleLlama("m.gguf", pack=verified_pack("m.gguf"))  # reuse a pack verified earlier
     RippleLlama("m.gguf", quality="1%")                 # the sparsest stored operating point within +1%
                                                         # perplexity on calibration text (default: the pack's)
+    At a dense operating point with no budget given and room for the whole model, the stock path
+    runs (see ripple_stats()["reason"]); stock_when_dense=False keeps the pack attached.
     Everything else (n_ctx, n_threads, chat_format, verbose, ...) goes to `llama_cpp.Llama`.
     """
 
@@ -187,7 +194,8 @@ class RippleLlama(llama_cpp.Llama):
                  cache_ratio: float | None = None, dense: bool = False, dense_fallback: bool = False,
                  all_active: bool = False, io_threads: int = 4, direct_io: bool = False, pin_percent: int = 50,
                  t0_us: float | None = None, bw_mbps: float | None = None, merge_gap_bytes: int | None = None,
-                 threshold_offset: float = 0.0, warm_cache: bool = True, quality=None, **kwargs):
+                 threshold_offset: float = 0.0, warm_cache: bool = True, quality=None,
+                 stock_when_dense: bool = True, **kwargs):
         self.ripple_pack: Pack | None = None
         self.ripple_dense_reason: str | None = None
         self.ripple_point: dict | None = None
@@ -213,6 +221,8 @@ class RippleLlama(llama_cpp.Llama):
                     model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
                     max(pack.n_ff) * pack.bundle_bytes, max(0, pack.file_bytes - pack.ffn_pack_bytes))
             point = pack.op_default if quality is None else choose_point(pack, quality)
+            if stock_when_dense and self._stock_is_the_same(model_path, pack, point, opts, kwargs):
+                return
             lib = ripple_lib()
         except RippleError as e:
             if not dense_fallback:
@@ -250,6 +260,24 @@ class RippleLlama(llama_cpp.Llama):
             raise RippleError(f"the ripple pack was not attached to {model_path}: {err or 'unknown reason'}")
         self.ripple_pack = pack
         self.ripple_set_point(point)
+
+    def _stock_is_the_same(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs) -> bool:
+        """At a dense operating point (every neuron computed) with no budget given and room for the
+        whole model, the sparse runtime would compute exactly llama.cpp's dense FFN, only slower
+        (SmolLM2 warm decode: 48 vs 102 tokens/s): run llama.cpp's stock path and say why. Loads it
+        and returns True when that is the case."""
+        from .memory_budget import whole_model_fits
+        if opts.all_active or opts.memory_budget is not None or opts.cache_ratio is not None \
+                or float(pack.op_density[point]) < 1.0:
+            return False
+        fits, why = whole_model_fits(model_path, int(kwargs.get("n_ctx", 512) or 512))
+        if not fits:
+            return False
+        self.ripple_dense_reason = (f"operating point {point} computes every neuron and {why}: "
+                                    "llama.cpp's stock path (pass --memory-budget to use the pack)")
+        super().__init__(model_path, **kwargs)
+        self.ripple_point = {**_point_info(pack, point), "path": "stock"}
+        return True
 
     def close(self) -> None:
         if hasattr(self, "_stack"):  # also when __init__ failed before llama_cpp.Llama set up
@@ -328,8 +356,7 @@ class RippleLlama(llama_cpp.Llama):
             if (lib.llama_ripple_set_thresholds(self.model, thr.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(thr)) != 0
                     or lib.llama_ripple_set_floor(self.model, float(pk.op_floor[index])) != 0):
                 raise RippleError("the runtime refused the operating point's thresholds")
-        self.ripple_point = {"index": index, "density": float(pk.op_density[index]), "floor": float(pk.op_floor[index]),
-                             "ppl_increase": float(pk.op_ppl_increase[index]), "default": index == pk.op_default}
+        self.ripple_point = _point_info(pk, index)
         return self.ripple_point
 
     def ripple_reset_stats(self) -> None:

@@ -92,17 +92,39 @@ def test_pack_stores_points_within_budget_and_runtime_moves_along_them(converted
 
 
 def test_quality_zero_computes_every_neuron(converted):
-    """--quality 0% loads the dense point: the same logits as the debug all-active mode."""
+    """--quality 0% loads the dense point: the same logits as the debug all-active mode (with the
+    pack kept attached; see the next test for what the default does)."""
     path = str(converted(SWIGLU, "f16"))
     pk = verified_pack(path)
     out = []
-    for kw in ({"quality": "0%"}, {"all_active": True}):
+    for kw in ({"quality": "0%", "stock_when_dense": False}, {"all_active": True}):
         llm = RippleLlama(path, pack=pk, n_ctx=256, verbose=False, logits_all=True, **kw)
         try:
             out.append(all_logits(llm, prompts(llm, n=2, length=48)))
         finally:
             llm.close()
     np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_dense_point_with_room_for_the_model_runs_the_stock_path(converted):
+    """Every neuron computed and the whole model fits: the sparse kernels would only be slower
+    (SmolLM2 warm decode 48 vs 102 tokens/s), so llama.cpp's stock path runs and says why. A given
+    memory budget keeps the pack."""
+    path = str(converted(SWIGLU, "f16"))
+    llm = RippleLlama(path, quality="0%", n_ctx=256, verbose=False)
+    st = llm.ripple_stats()
+    assert st["mode"] == "dense" and "computes every neuron" in st["reason"] and llm.ripple_point["index"] == 0
+    got = [int(t) for t, _ in zip(llm.generate(llm.tokenize(b"def main("), temp=0.0, top_k=1), range(8))]
+    llm.close()
+    stock = RippleLlama(path, dense=True, n_ctx=256, verbose=False)
+    want = [int(t) for t, _ in zip(stock.generate(stock.tokenize(b"def main("), temp=0.0, top_k=1), range(8))]
+    stock.close()
+    assert got == want
+    kept = RippleLlama(path, quality="0%", memory_budget=verified_pack(path).ffn_pack_bytes, n_ctx=256, verbose=False)
+    assert kept.ripple_active and kept.ripple_point["index"] == 0
+    kept.close()
+    proc = run_cli("run", path, "-p", "def ", "-n", "2", "--quality", "0%", check=True)
+    assert "stock path: operating point 0 computes every neuron" in proc.stderr
 
 
 def test_eval_curve_puts_predictor_next_to_oracle_and_gate_only(converted):
