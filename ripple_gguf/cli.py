@@ -18,13 +18,20 @@ def parse_budget(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def log_line(message: str) -> None:
+    """One progress line on stderr in a single write: print() writes the text and the newline apart,
+    and a Ctrl-C between the two glued `error: interrupted` onto the end of the log line."""
+    sys.stderr.write(f"{message}\n")
+    sys.stderr.flush()
+
+
 def _cmd_convert(args) -> dict:
     from .convert import ConvertOptions, convert
     opts = ConvertOptions(outtype=args.outtype, down_type=args.down_type, calib=args.calib or [],
                           placement=args.placement, calib_tokens=args.calib_tokens,
                           target_density=args.target_density, n_ctx=args.ctx, seed=args.seed,
                           pack=not args.no_pack, max_ppl_increase=args.max_ppl_increase)
-    summary = convert(args.src, args.output, opts, log=lambda m: print(m, file=sys.stderr), file=args.file)
+    summary = convert(args.src, args.output, opts, log=log_line, file=args.file)
     if not args.json:
         rp = summary["reads_per_token"]
         size = f"{summary['bytes'] / 2**20:.1f} MiB"
@@ -57,7 +64,7 @@ def _cmd_pack(args) -> dict:
     from .make_pack import PackOptions, build_pack
     opts = PackOptions(calib=args.calib or [], calib_tokens=args.calib_tokens, max_ppl_increase=args.max_ppl_increase,
                        rank=args.rank, n_ctx=args.ctx, seed=args.seed)
-    summary = build_pack(args.gguf, opts, log=lambda m: print(m, file=sys.stderr))
+    summary = build_pack(args.gguf, opts, log=log_line)
     if not args.json:
         _print_pack_summary(summary)
     return summary
@@ -136,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=_cmd_verify)
     from .run_cli import register; register(sub)
-    from . import bench_cli; bench_cli.register(sub)
+    from .bench import cli as bench_cli; bench_cli.register(sub)
     return p
 
 

@@ -1,5 +1,5 @@
-"""The default neuron-cache size: what the machine (or the memory cgroup) has left, minus what the
-process needs besides the cache.
+"""The neuron-cache size: the memory budget (--memory-budget: everything the process may use; by
+default what the machine or its memory cgroup has left) minus what the process needs besides the cache.
 
 Without `--memory-budget` the cache used to be the whole FFN plus a warm preload: in a cgroup smaller
 than the model the one case this project exists for was OOM-killed. Now the default is
@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 from .cgroup import available_memory
+from .errors import RippleError
 from .gguf_io import ffn_weight_bytes, kv, open_header, read_ffn_layout
 
 MIB = 2**20
@@ -47,9 +48,11 @@ def kv_cache_bytes(path: str, n_ctx: int) -> int:
 
 
 def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minimum: int,
-                         predictor_bytes: int) -> tuple[int, dict]:
-    """(cache bytes, the split as a dict for `run --verbose`/--json)."""
-    avail, source = available_memory()
+                         predictor_bytes: int, total: int | None = None) -> tuple[int, dict]:
+    """(cache bytes, the split as a dict for `run --verbose`/--json). `total` (--memory-budget): what
+    the whole process may use, split the same way instead of the available memory; RippleError when
+    it cannot hold the fixed parts plus one layer of neuron cache."""
+    avail, source = available_memory() if total is None else (total, "--memory-budget")
     _, other = gguf_ffn_split(model_path)
     kv_bytes = kv_cache_bytes(model_path, n_ctx)
     split = {"available": avail, "available_from": source, "non_ffn_weights": other, "kv_cache": kv_bytes,
@@ -59,6 +62,14 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
         return ffn_pack_bytes, split
     headroom = max(64 * MIB, avail // 10)
     left = avail - other - kv_bytes - COMPUTE_ALLOWANCE - RUNTIME_ALLOWANCE - predictor_bytes - headroom
+    if total is not None and left < minimum:
+        fixed = other + kv_bytes + COMPUTE_ALLOWANCE + RUNTIME_ALLOWANCE + predictor_bytes + minimum
+        need = int(max(fixed + 64 * MIB, fixed / 0.9)) + 1  # the headroom grows with the budget
+        raise RippleError(f"memory budget {total / MIB:.0f} MiB cannot hold this model's fixed memory "
+                          f"(non-FFN weights {other / MIB:.0f} MiB, KV cache {kv_bytes / MIB:.0f} MiB for {n_ctx} tokens, "
+                          f"compute and runtime {(COMPUTE_ALLOWANCE + RUNTIME_ALLOWANCE + predictor_bytes) / MIB:.0f} MiB, "
+                          f"headroom {headroom / MIB:.0f} MiB) plus one layer of neuron cache ({minimum / MIB:.1f} MiB): "
+                          f"pass --memory-budget {-(-need // MIB)}MiB or more, or a smaller --ctx")
     cache = int(min(ffn_pack_bytes, max(minimum, left)))
     split.update(headroom=headroom, cache=cache)
     if left < minimum:
@@ -83,7 +94,8 @@ def describe(split: dict) -> str:
     mib = lambda b: f"{b / MIB:.0f} MiB"
     if split.get("available") is None:
         return f"memory budget: {split.get('note')}"
-    line = (f"memory budget (default): {mib(split['available'])} available ({split['available_from']}) - "
+    given = split["available_from"] == "--memory-budget"
+    line = (f"memory budget{'' if given else ' (default)'}: {mib(split['available'])} {'given' if given else 'available'} ({split['available_from']}) - "
             f"non-FFN weights {mib(split['non_ffn_weights'])} - KV cache {mib(split['kv_cache'])} - compute "
             f"{mib(split['compute'])} - runtime {mib(split['runtime'])} - headroom {mib(split['headroom'])} "
             f"-> neuron cache {mib(split['cache'])}")

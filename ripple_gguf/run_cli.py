@@ -13,37 +13,9 @@ import time
 from .errors import RippleError
 from .memory_budget import gguf_ffn_split
 from .perplexity import perplexity
+from .process_stats import peak_rss, phase, reset_peak_rss
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-# --- memory accounting ---------------------------------------------------------------------------
-
-def _status_kb(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def reset_peak_rss() -> int:
-    """Restart the kernel's peak-RSS counter (VmHWM) from the current RSS; returns that RSS in bytes.
-    Called after the heavy imports, so the peak measures loading + generation, not the interpreter."""
-    from . import runtime  # noqa: F401  (llama_cpp, numpy, gguf, ... imported before the reset)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _status_kb("VmRSS") * 1024
-
-
-def peak_rss() -> int:
-    return _status_kb("VmHWM") * 1024
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -52,9 +24,10 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("gguf", help="converted .gguf (its OUT.ripple pack is found next to it)")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--memory-budget", metavar="SIZE",
-                   help="neuron cache size, e.g. 256MiB (default: what this machine or its memory cgroup has "
-                        "available, minus non-FFN weights, KV cache, compute buffers and 10%% headroom, at most the "
-                        "whole FFN; `run --verbose` prints the split)")
+                   help="everything the process may use, e.g. 1GiB (default: what this machine or its memory cgroup "
+                        "has available); the neuron cache gets what is left after non-FFN weights, KV cache, compute "
+                        "buffers and 10%% headroom, at most the whole FFN (`run --verbose` prints the split)")
+    m.add_argument("--cache-size", metavar="SIZE", help="the neuron cache alone, e.g. 256MiB (instead of a memory budget)")
     m.add_argument("--cache-ratio", type=float, metavar="R", help="neuron cache as a share of the FFN bytes, e.g. 0.25")
     p.add_argument("--dense", action="store_true", help="run the same GGUF on llama.cpp's stock dense path")
     p.add_argument("--allow-dense-fallback", action="store_true",
@@ -84,7 +57,8 @@ def _add_runtime_args(p, generation: bool = True) -> None:
 
 
 def _ripple_kwargs(args) -> dict:
-    return dict(pack_path=args.pack, memory_budget=args.memory_budget, cache_ratio=args.cache_ratio,
+    return dict(pack_path=args.pack, memory_budget=args.memory_budget, cache_size=args.cache_size,
+                cache_ratio=args.cache_ratio,
                 dense=args.dense, dense_fallback=args.allow_dense_fallback, all_active=args.all_active,
                 io_threads=args.io_threads, direct_io=args.direct_io, pin_percent=args.pin_percent,
                 t0_us=args.t0_us, bw_mbps=args.bw_mbps, merge_gap_bytes=args.merge_gap,
@@ -131,24 +105,6 @@ def load(args, prep: dict, **llama_kwargs):
         kw.update(n_threads=args.threads, n_threads_batch=args.threads)
     kw.update(llama_kwargs)
     return RippleLlama(args.gguf, pack=prep["pack"], **_ripple_kwargs(args), **kw)
-
-
-def _phase(stats_end: dict, stats_start: dict, tokens: int, seconds: float) -> dict:
-    """Per-token figures of one phase from two ripple_stats() snapshots."""
-    out = {"tokens": tokens, "seconds": round(seconds, 4),
-           "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None}
-    if stats_end.get("mode") != "sparse":
-        return out
-    d = {k: stats_end[k] - stats_start.get(k, 0) for k in
-         ("tokens", "reads", "bytes_read", "cache_hits", "cache_misses", "active_neurons", "total_neurons", "io_seconds")}
-    n = d["tokens"] or 1
-    lookups = d["cache_hits"] + d["cache_misses"]
-    out.update(reads=d["reads"], bytes_read=d["bytes_read"], reads_per_token=round(d["reads"] / n, 3),
-               bytes_per_token=round(d["bytes_read"] / n, 1),
-               cache_hit_rate=round(d["cache_hits"] / lookups, 4) if lookups else None,
-               predicted_density=round(d["active_neurons"] / d["total_neurons"], 4) if d["total_neurons"] else None,
-               io_seconds=round(d["io_seconds"], 4))
-    return out
 
 
 def _memory(args, llm, prep: dict, rss_before: int) -> dict:
@@ -199,8 +155,8 @@ def cmd_run(args) -> dict:
     text = llm.detokenize(ids, prev_tokens=prompt).decode(errors="replace")
     result = {
         "text": text, "prompt_tokens": prompt, "tokens": ids, "mode": s_end.get("mode"),
-        "prompt": _phase(s_first, s0, len(prompt), t_first - t0),
-        "generation": _phase(s_end, s_first, max(len(ids) - 1, 0), t_end - t_first),
+        "prompt": phase(s_first, s0, len(prompt), t_first - t0),
+        "generation": phase(s_end, s_first, max(len(ids) - 1, 0), t_end - t_first),
         "memory": _memory(args, llm, prep, rss_before), "operating_point": llm.ripple_point,
         "ripple": s_end,
     }
@@ -247,7 +203,7 @@ def cmd_eval(args) -> dict:
     n_eval = (len(tokens) // n_ctx if not args.chunks else min(args.chunks, len(tokens) // n_ctx)) * n_ctx
     result = {"perplexity": ppl, "text": args.text, "ctx": n_ctx, "scored_tokens": scored,
               "evaluated_tokens": n_eval, "mode": s_end.get("mode"), "operating_point": llm.ripple_point,
-              "eval": _phase(s_end, s0, n_eval, seconds), "memory": _memory(args, llm, prep, rss_before),
+              "eval": phase(s_end, s0, n_eval, seconds), "memory": _memory(args, llm, prep, rss_before),
               "ripple": s_end}
     if args.curve and llm.ripple_active:
         result["curve"] = density_curve(args, llm, tokens[:n_eval], n_ctx, bos)

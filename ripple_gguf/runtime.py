@@ -118,8 +118,10 @@ def ripple_lib():
 
 @dataclass
 class RippleOptions:
-    memory_budget: int | str | None = None   # bytes or "512MiB"; default: the whole FFN
-    cache_ratio: float | None = None         # or: this share of the FFN bytes
+    memory_budget: int | str | None = None   # everything the process may use, bytes or "2GiB" (default:
+                                             # what the machine or its memory cgroup has available)
+    cache_size: int | str | None = None      # or: the neuron cache alone
+    cache_ratio: float | None = None         # or: the neuron cache as this share of the FFN bytes
     io_threads: int = 4
     direct_io: bool = False
     all_active: bool = False                 # debug: predictor off, every neuron computed
@@ -132,23 +134,25 @@ class RippleOptions:
 
 
 def budget_bytes(pack: Pack, opts: RippleOptions) -> int:
-    """The cache budget in bytes, refused up front when it cannot hold one layer's working set."""
-    if opts.memory_budget is not None and opts.cache_ratio is not None:
-        raise RippleError("pass either a memory budget or a cache ratio, not both")
+    """The neuron-cache size in bytes for --cache-size/--cache-ratio (the whole FFN when neither is
+    given: the caller then splits --memory-budget or the available memory, memory_budget.py), refused
+    up front when it cannot hold one layer's working set."""
+    if sum(v is not None for v in (opts.memory_budget, opts.cache_size, opts.cache_ratio)) > 1:
+        raise RippleError("pass one of a memory budget, a cache size or a cache ratio, not several")
     ffn = sum(n * pack.bundle_bytes for n in pack.n_ff)
     minimum = max(pack.n_ff) * pack.bundle_bytes
     if opts.cache_ratio is not None:
         if not 0.0 < opts.cache_ratio <= 1.0:
             raise RippleError("--cache-ratio must be in (0, 1], e.g. 0.25")
         budget = int(ffn * opts.cache_ratio)
-    elif opts.memory_budget is not None:
-        budget = parse_size(opts.memory_budget)
+    elif opts.cache_size is not None:
+        budget = parse_size(opts.cache_size)
     else:
-        return ffn  # the caller replaces it with memory_budget.default_cache_budget when it knows the model
+        return ffn
     if budget < minimum:
-        raise RippleError(f"memory budget {fmt_bytes(budget)} ({budget} bytes) cannot hold one layer's working set; "
+        raise RippleError(f"neuron cache {fmt_bytes(budget)} ({budget} bytes) cannot hold one layer's working set; "
                           f"the minimum for this model is {fmt_bytes(minimum)} ({minimum} bytes): pass "
-                          f"--memory-budget {minimum} or more (or --cache-ratio {minimum / ffn:.3f})")
+                          f"--cache-size {minimum} or more (or --cache-ratio {minimum / ffn:.3f})")
     return budget
 
 
@@ -178,7 +182,8 @@ def _point_info(pk: Pack, index: int) -> dict:
 class RippleLlama(llama_cpp.Llama):
     """A `llama_cpp.Llama` whose FFNs run sparsely from `OUT.ripple` (found next to the GGUF).
 
-    RippleLlama("m.gguf", memory_budget="256MiB")       # or cache_ratio=0.25
+    RippleLlama("m.gguf", memory_budget="1GiB")         # everything the process may use (default: what
+                                                        # is available); or cache_size="256MiB" / cache_ratio=0.25
     RippleLlama("m.gguf", dense=True)                   # the same GGUF on llama.cpp's stock path
     RippleLlama("m.gguf", dense_fallback=True)          # stock path with a warning if the pack is unusable
     RippleLlama("m.gguf", pack=verified_pack("m.gguf"))  # reuse a pack verified earlier
@@ -190,7 +195,7 @@ class RippleLlama(llama_cpp.Llama):
     """
 
     def __init__(self, model_path: str, *, pack_path: str | None = None, pack: Pack | None = None,
-                 memory_budget: int | str | None = None,
+                 memory_budget: int | str | None = None, cache_size: int | str | None = None,
                  cache_ratio: float | None = None, dense: bool = False, dense_fallback: bool = False,
                  all_active: bool = False, io_threads: int = 4, direct_io: bool = False, pin_percent: int = 50,
                  t0_us: float | None = None, bw_mbps: float | None = None, merge_gap_bytes: int | None = None,
@@ -205,7 +210,7 @@ class RippleLlama(llama_cpp.Llama):
         model_path = str(model_path)
         if not Path(model_path).is_file():
             raise RippleError(f"{model_path}: no such file; pass the path of a converted .gguf")
-        opts = RippleOptions(memory_budget, cache_ratio, io_threads, direct_io, all_active, pin_percent,
+        opts = RippleOptions(memory_budget, cache_size, cache_ratio, io_threads, direct_io, all_active, pin_percent,
                              t0_us, bw_mbps, merge_gap_bytes, threshold_offset, warm_cache)
         kwargs.setdefault("n_gpu_layers", 0)
         if dense:
@@ -215,11 +220,12 @@ class RippleLlama(llama_cpp.Llama):
         try:
             pack = pack or verified_pack(model_path, pack_path)
             budget = budget_bytes(pack, opts)
-            if opts.memory_budget is None and opts.cache_ratio is None:
+            if opts.cache_size is None and opts.cache_ratio is None:
                 from .memory_budget import default_cache_budget
                 budget, self.ripple_budget_split = default_cache_budget(
                     model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
-                    max(pack.n_ff) * pack.bundle_bytes, max(0, pack.file_bytes - pack.ffn_pack_bytes))
+                    max(pack.n_ff) * pack.bundle_bytes, max(0, pack.file_bytes - pack.ffn_pack_bytes),
+                    total=None if opts.memory_budget is None else parse_size(opts.memory_budget))
             point = pack.op_default if quality is None else choose_point(pack, quality)
             if stock_when_dense and self._stock_is_the_same(model_path, pack, point, opts, kwargs):
                 return
@@ -267,7 +273,7 @@ class RippleLlama(llama_cpp.Llama):
         (SmolLM2 warm decode: 48 vs 102 tokens/s): run llama.cpp's stock path and say why. Loads it
         and returns True when that is the case."""
         from .memory_budget import whole_model_fits
-        if opts.all_active or opts.memory_budget is not None or opts.cache_ratio is not None \
+        if opts.all_active or opts.memory_budget is not None or opts.cache_size is not None or opts.cache_ratio is not None \
                 or float(pack.op_density[point]) < 1.0:
             return False
         fits, why = whole_model_fits(model_path, int(kwargs.get("n_ctx", 512) or 512))

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import HELDOUT, run_cli
 from ripple_gguf import iocost
-from ripple_gguf.bench_io import simulate_cache
+from ripple_gguf.bench.io_replay import simulate_cache
 
 
 def test_fit_recovers_a_known_cost_model():

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from ripple_gguf.bench_e2e import _worker, format_e2e, run_e2e
+from ripple_gguf.bench.e2e import _worker, format_e2e, run_e2e
 from ripple_gguf.cgroup import MemoryCgroup, _parents
 from ripple_gguf.errors import RippleError
 from ripple_gguf.pack import pack_path_for

@@ -53,7 +53,7 @@ def tokens(llm, n: int) -> list[int]:
 
 
 def test_read_error_mid_generation_is_a_ripple_error_naming_the_pack(model):
-    llm = RippleLlama(model, memory_budget=one_layer(model), pin_percent=0, **KW)
+    llm = RippleLlama(model, cache_size=one_layer(model), pin_percent=0, **KW)
     assert len(tokens(llm, 4)) == 4
     assert ripple_lib().llama_ripple_inject_fault(llm.model, 3, errno.EIO) == 0
     with pytest.raises(RippleError, match=f"{pack_path_for(model)}.*(Input/output error|I/O error)"):
@@ -66,7 +66,7 @@ def test_read_error_mid_generation_is_a_ripple_error_naming_the_pack(model):
 def test_llama_decode_returns_nonzero_when_a_read_fails(model):
     """The C API: llama_decode reports the failure itself (-3) instead of returning zeroed FFNs."""
     import llama_cpp
-    llm = RippleLlama(model, memory_budget=one_layer(model), pin_percent=0, **KW)
+    llm = RippleLlama(model, cache_size=one_layer(model), pin_percent=0, **KW)
     toks = llm.tokenize(PROMPT.encode())[:16]
     arr = (llama_cpp.llama_token * len(toks))(*toks)
     ctx = llm._ctx.ctx
@@ -103,7 +103,7 @@ def test_damaged_record_is_caught_when_first_read(model):
 
 def test_pack_truncated_under_a_running_decode(model):
     pk = open_pack(model)
-    llm = RippleLlama(model, memory_budget=one_layer(model), pin_percent=0, **KW)
+    llm = RippleLlama(model, cache_size=one_layer(model), pin_percent=0, **KW)
     result: dict = {}
 
     def generate():
@@ -131,10 +131,10 @@ def test_pack_replaced_mid_generation(model, converted):
     the same. Rewritten in place with another pack's bytes: the records fail their checksums."""
     other = pack_path_for(converted("tiny-arcee-relu2", "f16"))
     budget = one_layer(model)
-    ref = RippleLlama(model, memory_budget=budget, pin_percent=0, **KW)
+    ref = RippleLlama(model, cache_size=budget, pin_percent=0, **KW)
     want = tokens(ref, 24)
     ref.close()
-    llm = RippleLlama(model, memory_budget=budget, pin_percent=0, **KW)
+    llm = RippleLlama(model, cache_size=budget, pin_percent=0, **KW)
     first = tokens(llm, 4)
     tmp = model.with_name("new.ripple")
     shutil.copy(other, tmp)
@@ -143,7 +143,7 @@ def test_pack_replaced_mid_generation(model, converted):
     assert first == want[:4] and tokens(llm, 24) == want
     llm.close()
     shutil.copy(pack_path_for(converted("tiny-llama-swiglu", "f16")), pack_path_for(model))
-    llm = RippleLlama(model, memory_budget=budget, pin_percent=0, **KW)
+    llm = RippleLlama(model, cache_size=budget, pin_percent=0, **KW)
     tokens(llm, 2)
     shutil.copyfile(other, pack_path_for(model))  # same inode, other bytes
     with pytest.raises(RippleError, match="damaged|truncated"):
@@ -219,7 +219,7 @@ def test_record_checks_cost_little_next_to_decoding(model):
     pk = open_pack(model)
     rows = []
     for name, budget in (("one layer", one_layer(model)), ("half the FFN", pk.ffn_pack_bytes // 2)):
-        llm = RippleLlama(model, memory_budget=max(budget, one_layer(model)), pin_percent=0, warm_cache=False,
+        llm = RippleLlama(model, cache_size=max(budget, one_layer(model)), pin_percent=0, warm_cache=False,
                           io_threads=1, **KW)
         llm.ripple_reset_stats()
         t0 = time.perf_counter()

@@ -120,7 +120,7 @@ def test_dense_point_with_room_for_the_model_runs_the_stock_path(converted):
     want = [int(t) for t, _ in zip(stock.generate(stock.tokenize(b"def main("), temp=0.0, top_k=1), range(8))]
     stock.close()
     assert got == want
-    kept = RippleLlama(path, quality="0%", memory_budget=verified_pack(path).ffn_pack_bytes, n_ctx=256, verbose=False)
+    kept = RippleLlama(path, quality="0%", cache_size=verified_pack(path).ffn_pack_bytes, n_ctx=256, verbose=False)
     assert kept.ripple_active and kept.ripple_point["index"] == 0
     kept.close()
     proc = run_cli("run", path, "-p", "def ", "-n", "2", "--quality", "0%", check=True)

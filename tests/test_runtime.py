@@ -119,7 +119,7 @@ def test_direct_io_and_a_one_layer_cache_compute_the_same(packed):
     ld = all_logits(dense, ps)
     dense.close()
     sparse = RippleLlama(path, all_active=True, direct_io=True, pin_percent=0, logits_all=True,
-                         memory_budget=max(pk.n_ff) * pk.bundle_bytes, **KW)
+                         cache_size=max(pk.n_ff) * pk.bundle_bytes, **KW)
     ls = all_logits(sparse, ps)
     st = sparse.ripple_stats()
     sparse.close()
@@ -226,7 +226,7 @@ def test_opening_and_running_never_reads_the_gguf_ffn(big_model):
         drop_file_cache(f)
     pk = verified_pack(str(big_model))
     opened = resident_bytes(big_model), resident_bytes(pack_file)
-    llm = RippleLlama(str(big_model), pack=pk, memory_budget=16 * 2**20, n_ctx=256, verbose=False, direct_io=True)
+    llm = RippleLlama(str(big_model), pack=pk, cache_size=16 * 2**20, n_ctx=256, verbose=False, direct_io=True)
     llm.create_completion("import os\n", max_tokens=8, temperature=0.0)
     ran = resident_bytes(big_model)
     llm.close()
@@ -241,7 +241,7 @@ def test_opening_and_running_never_reads_the_gguf_ffn(big_model):
 def test_peak_rss_stays_under_non_ffn_weights_plus_budget(big_model):
     budget = 16 * 2**20  # the FFN is 96 MiB; one layer's working set is 12 MiB
     runs = {}
-    for name, extra in (("sparse", ["--memory-budget", str(budget)]), ("dense", ["--dense"])):
+    for name, extra in (("sparse", ["--cache-size", str(budget)]), ("dense", ["--dense"])):
         proc = run_cli("run", big_model, "-p", "import os\n", "-n", 24, "--ctx", 256, "--json", *extra,
                        check=True, timeout=900)
         runs[name] = json.loads(proc.stdout)
@@ -267,10 +267,10 @@ def test_budget_below_one_layer_is_refused_with_the_minimum(packed):
     pk = open_pack(path)
     minimum = max(pk.n_ff) * pk.bundle_bytes
     with pytest.raises(RippleError, match=f"minimum.*{minimum} bytes"):
-        RippleLlama(path, memory_budget=minimum - 1, **KW)
-    proc = run_cli("run", path, "-p", "x", "--memory-budget", "1KiB")
+        RippleLlama(path, cache_size=minimum - 1, **KW)
+    proc = run_cli("run", path, "-p", "x", "--cache-size", "1KiB")
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and str(minimum) in proc.stderr
-    llm = RippleLlama(path, memory_budget=minimum, **KW)  # exactly one layer works
+    llm = RippleLlama(path, cache_size=minimum, **KW)  # exactly one layer works
     llm.create_completion("def ", max_tokens=8, temperature=0.0)
     assert llm.ripple_stats()["cache_slots"] == max(pk.n_ff)
     llm.close()
@@ -294,7 +294,7 @@ def test_bytes_read_are_what_the_file_offsets_imply(packed):
     path = packed("tiny-llama-swiglu", "f32")
     pk = open_pack(path)
     budget = 2 * max(pk.n_ff) * pk.bundle_bytes  # half the FFN: misses keep happening
-    llm = RippleLlama(path, memory_budget=budget, pin_percent=0, **KW)
+    llm = RippleLlama(path, cache_size=budget, pin_percent=0, **KW)
     llm.ripple_trace(True)
     llm.ripple_reset_stats()
     rchar0 = read_rchar()
@@ -415,7 +415,7 @@ def test_library_validates_pack_structure(packed, tmp_path, damage):
 def test_pack_truncated_mid_run_stops_generation_with_an_error(packed, tmp_path):
     path = copy_model(packed("tiny-llama-swiglu", "f32"), tmp_path)
     pk = open_pack(path)
-    llm = RippleLlama(path, memory_budget=max(pk.n_ff) * pk.bundle_bytes, pin_percent=0, **KW)
+    llm = RippleLlama(path, cache_size=max(pk.n_ff) * pk.bundle_bytes, pin_percent=0, **KW)
     out = llm.create_completion("def ", max_tokens=4, temperature=0.0)  # works while the pack is whole
     assert out["choices"][0]["text"] is not None
     os.truncate(pk.path, pk.bundle_offsets[1])  # layers 1.. gone from under the running model
@@ -426,7 +426,7 @@ def test_pack_truncated_mid_run_stops_generation_with_an_error(packed, tmp_path)
     assert llm.ripple_stats()["error"]
     llm.close()
     # the CLI reports it as one line
-    proc = run_cli("run", path, "-p", HELDOUT.read_text()[:400], "-n", 8, "--memory-budget",
+    proc = run_cli("run", path, "-p", HELDOUT.read_text()[:400], "-n", 8, "--cache-size",
                    str(max(pk.n_ff) * pk.bundle_bytes), "--pin-percent", "0")
     assert proc.returncode == 1 and "error: " in proc.stderr
 
@@ -545,3 +545,26 @@ def test_available_memory_sees_the_cgroup_limit():
                               capture_output=True, text=True, timeout=120)
     avail, source = json.loads(proc.stdout)
     assert 0 < avail <= limit and "memory cgroup" in source
+
+
+def test_memory_budget_is_what_the_whole_process_may_use(packed):
+    """--memory-budget counts everything (issue 11): non-FFN weights, KV cache, compute, runtime and
+    headroom come out of it and the neuron cache gets the rest; too small a budget names the parts."""
+    from ripple_gguf import memory_budget as mb
+    path = packed("tiny-llama-swiglu", "f32")
+    pk = open_pack(path)
+    _, other = mb.gguf_ffn_split(str(path))
+    pred = pk.file_bytes - pk.ffn_pack_bytes
+    fixed = other + mb.kv_cache_bytes(str(path), KW["n_ctx"]) + mb.COMPUTE_ALLOWANCE + mb.RUNTIME_ALLOWANCE + pred
+    want_cache = pk.ffn_pack_bytes // 2
+    total = fixed + 64 * 2**20 + want_cache  # headroom: 64 MiB below 640 MiB
+    llm = RippleLlama(path, memory_budget=total, **KW)
+    split = llm.ripple_budget_split
+    assert split["available_from"] == "--memory-budget" and split["available"] == total
+    assert split["cache"] == want_cache
+    assert abs(llm.ripple_stats()["cache_bytes"] - want_cache) <= pk.bundle_bytes * max(pk.n_ff)
+    llm.close()
+    with pytest.raises(RippleError, match=r"non-FFN weights .* --memory-budget \d+MiB or more"):
+        RippleLlama(path, memory_budget=fixed, **KW)
+    proc = run_cli("run", path, "-p", "x", "--memory-budget", "64MiB")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: memory budget 64 MiB") and len(proc.stderr.splitlines()) == 1

@@ -400,7 +400,7 @@ def test_pack_with_per_layer_bundle_sizes_runs_in_a_one_layer_cache(typed):
     ld = all_logits(dense, ps)
     dense.close()
     budget = max(pk.n_ff) * max(pk.layer_bundle_bytes)
-    sparse = RippleLlama(path, all_active=True, pin_percent=0, memory_budget=budget, logits_all=True, **KW)
+    sparse = RippleLlama(path, all_active=True, pin_percent=0, cache_size=budget, logits_all=True, **KW)
     ls = all_logits(sparse, ps)
     st = sparse.ripple_stats()
     sparse.close()

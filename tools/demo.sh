@@ -20,4 +20,4 @@ out = llm(prompt, max_tokens=64, temperature=0.0)["choices"][0]["text"]
 print(f"\nplain llama_cpp.Llama (stock dense path), greedy continuation of {prompt!r}:\n{prompt}{out}")
 PY
 echo; echo "sparse from the offload pack (RippleLlama), FFN cache budget 512KiB:"
-.venv/bin/ripple-gguf run "$OUT" -p "def read_config(path):" -n 48 --memory-budget 512KiB
+.venv/bin/ripple-gguf run "$OUT" -p "def read_config(path):" -n 48 --cache-size 512KiB

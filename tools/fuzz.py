@@ -202,7 +202,7 @@ class Worker:
 
     def run(self, case) -> tuple[str, list | None, str]:
         args = ["run", self.g, "-p", PROMPT, "-n", 4, "--json", "--ctx", 64, "--threads", 1, "--io-threads", 2,
-                "--memory-budget", self.budget(case), "--t0-us", 50, "--bw-mbps", 1000]
+                "--cache-size", self.budget(case), "--t0-us", 50, "--bw-mbps", 1000]
         rc, out, err = self.cli(*args, *(["--cold-cache"] if case["cold"] else []))
         if rc == 0:
             return "ran", json.loads(out)["tokens"], ""

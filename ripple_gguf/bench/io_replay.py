@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import iocost
-from .errors import RippleError
-from .iocost import CostModel
+from .. import iocost
+from ..errors import RippleError
+from ..iocost import CostModel
 
 PLACEMENTS = ("identity", "frequency", "coactivation")
 BUDGETS = (0.0, 0.10, 0.25)
@@ -35,8 +35,8 @@ PIN_SHARE = 0.5
 
 def activation_sets(gguf: Path, pack, text: str, max_tokens: int, n_ctx: int = 512):
     """Per layer (tokens, n_ff) bool arrays in stored order: predicted (read) and truly active."""
-    from .llama_capture import LlamaRunner
-    from .profile import chunk_tokens
+    from ..llama_capture import LlamaRunner
+    from ..profile import chunk_tokens
     pred = [[] for _ in range(pack.n_layer)]
     true = [[] for _ in range(pack.n_layer)]
     with LlamaRunner(gguf, n_ctx=n_ctx, capture_inputs=True) as runner:
@@ -156,9 +156,9 @@ def timed_replay(path: Path, plans, threads: int, direct: bool) -> dict:
 def run_io(gguf, text_path, max_tokens: int = 1024, time_tokens: int = 64, budgets=BUDGETS,
            io_threads: int = 4, direct: bool = True, scratch_dir=None, probe_result: dict | None = None,
            progress: bool = True) -> dict:
-    from .gguf_io import open_header, read_ffn_layout
-    from .index_keys import read_index
-    from .pack import open_pack
+    from ..gguf_io import open_header, read_ffn_layout
+    from ..index_keys import read_index
+    from ..pack import open_pack
     gguf = Path(gguf)
     if not gguf.is_file():
         raise RippleError(f"{gguf}: no such file; pass a GGUF made by `ripple-gguf convert`")

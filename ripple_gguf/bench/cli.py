@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .errors import RippleError
+from ..errors import RippleError
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -41,8 +41,8 @@ def format_probe(r: dict) -> str:
 
 
 def cmd_probe(args) -> dict:
-    from . import iocost
-    from .runtime import parse_size
+    from .. import iocost
+    from ..runtime import parse_size
     if args.file:
         if not os.path.isfile(args.file):
             raise RippleError(f"{args.file}: no such file; pass an existing file to probe, or --dir")
@@ -62,7 +62,7 @@ def cmd_probe(args) -> dict:
 
 
 def cmd_io(args) -> dict:
-    from .bench_io import format_io, run_io
+    from .io_replay import format_io, run_io
     _check_inputs(args)
     result = run_io(args.gguf, args.text, max_tokens=args.tokens, time_tokens=args.time_tokens,
                     io_threads=args.io_threads, direct=not args.no_direct, progress=not args.json)
@@ -74,7 +74,7 @@ def cmd_io(args) -> dict:
 def cmd_e2e(args) -> dict:
     _check_inputs(args)
     fractions = _fractions(args.budgets)
-    from .bench_e2e import format_e2e, run_e2e
+    from .e2e import format_e2e, run_e2e
     result = run_e2e(args.gguf, args.text, fractions=fractions, gen_tokens=args.gen_tokens,
                      prompt_tokens=args.prompt_tokens, ctx=args.ctx, ppl_chunks=args.ppl_chunks,
                      timeout_s=args.timeout, threads=args.threads, direct_io=not args.buffered_io, progress=not args.json)
@@ -84,7 +84,7 @@ def cmd_e2e(args) -> dict:
 
 
 def cmd_report(args) -> dict:
-    from .bench_report import write_report
+    from .report import write_report
     for g in args.gguf:
         if not os.path.isfile(g):
             raise RippleError(f"{g}: no such file; pass GGUFs made by `ripple-gguf convert` (tools/bench.sh builds them)")

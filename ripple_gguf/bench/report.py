@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RippleError
+from ..errors import RippleError
 
 TARGETS = dict(reads_ratio_relu=2.0, oracle_ratio=1.5, speedup_relu_50=3.0, speedup_swiglu_50=1.0,
                slowdown_100=0.9, ppl_rel=0.05)
@@ -291,8 +291,8 @@ def render(result: dict, doc_dir: Path) -> str:
 def write_report(ggufs: list[str], text: str, out: Path, *, command: str, io_tokens: int = 1024,
                  time_tokens: int = 64, e2e_kw: dict | None = None, skip_e2e: bool = False,
                  io_threads: int = 4, progress: bool = True) -> dict:
-    from . import iocost
-    from .bench_io import run_io
+    from .. import iocost
+    from .io_replay import run_io
     if not ggufs:
         raise RippleError("no models to benchmark; pass converted .gguf files (tools/bench.sh builds the benchmark models)")
     out = Path(out)
@@ -313,7 +313,7 @@ def write_report(ggufs: list[str], text: str, out: Path, *, command: str, io_tok
         m = {"name": name, "family": family(io), "io": io, "plot_io": f"bench/{name}-io.png"}
         plot_io(io, out.parent / m["plot_io"], f"{name}: cold FFN I/O per token")
         if not skip_e2e:
-            from .bench_e2e import run_e2e
+            from .e2e import run_e2e
             print(f"bench e2e: {name}", file=sys.stderr)
             m["e2e"] = run_e2e(g, text, progress=progress, **(e2e_kw or {}))
             m["plot_e2e"] = f"bench/{name}-e2e.png"

@@ -23,8 +23,8 @@ import subprocess
 import sys
 import time
 
-from .cgroup import MemoryCgroup, drop_file_cache
-from .errors import RippleError
+from ..cgroup import MemoryCgroup, drop_file_cache
+from ..errors import RippleError
 
 SLACK = 4 * 2**20           # added to the measured non-weight memory: allocator and interpreter jitter
 MARK = "RIPPLE_E2E_RESULT "  # prefix of the worker's result line on stdout
@@ -35,8 +35,8 @@ RUNS = ("stock", "ripple", "ripple-same-ram")
 # --- worker: one measurement in a child process ------------------------------------------------------
 
 def _anon() -> int:
-    from .run_cli import _status_kb
-    return _status_kb("RssAnon") * 1024
+    from ..process_stats import status_kb
+    return status_kb("RssAnon") * 1024
 
 
 class _AnonPeak:
@@ -62,20 +62,20 @@ class _AnonPeak:
 def _load(a: dict, n_ctx: int, **kw):
     """Stock `llama_cpp.Llama` with default settings, or `RippleLlama` with the given cache budget."""
     import llama_cpp
-    from .runtime import RippleLlama
+    from ..runtime import RippleLlama
     kw.update(n_ctx=n_ctx, seed=0, verbose=False)
     if a.get("threads"):
         kw.update(n_threads=a["threads"], n_threads_batch=a["threads"])
     if a["mode"] == "stock":
         return llama_cpp.Llama(a["gguf"], **kw)
-    return RippleLlama(a["gguf"], memory_budget=a["cache_budget"], t0_us=a.get("t0_us"), bw_mbps=a.get("bw_mbps"),
+    return RippleLlama(a["gguf"], cache_size=a["cache_budget"], t0_us=a.get("t0_us"), bw_mbps=a.get("bw_mbps"),
                        direct_io=bool(a.get("direct_io")), **kw)
 
 
 def _measure(a: dict, text: str) -> dict:
     """Load, prompt (TTFT), then greedy decode one token per eval; EOS ignored so counts match."""
     import numpy as np
-    from .run_cli import _phase, peak_rss, reset_peak_rss
+    from ..process_stats import peak_rss, phase, reset_peak_rss
     reset_peak_rss()
     anon = _AnonPeak()
     start = time.perf_counter()
@@ -105,14 +105,14 @@ def _measure(a: dict, text: str) -> dict:
            "decode_s": round(decode_s, 5), "decode_tok_s": round(n / decode_s, 3) if n and decode_s > 0 else None,
            "timed_out": timed_out, "tokens": ids, "peak_rss_bytes": peak_rss(), "peak_anon_bytes": anon.stop()}
     if s1.get("mode") == "sparse":
-        out["decode_stats"] = _phase(s1, s0, n, decode_s)
+        out["decode_stats"] = phase(s1, s0, n, decode_s)
         out.update({k: s1[k] for k in ("cache_bytes", "overhead_bytes", "t0_us", "bw_mbps")})
     llm.close()
     return out
 
 
 def _perplexity(a: dict, text: str) -> dict:
-    from .perplexity import perplexity
+    from ..perplexity import perplexity
     ctx = a["ctx"]
     llm = _load(a, ctx, logits_all=True, n_batch=ctx, n_ubatch=ctx)  # as `ripple-gguf eval` does
     tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
@@ -145,8 +145,8 @@ def model_info(gguf: str, text_path: str, need_tokens: int) -> dict:
         raise RippleError(f"{gguf}: no such file; pass a converted .gguf")
     if not os.path.isfile(text_path):
         raise RippleError(f"{text_path}: no such file; pass a text file with --text")
-    from .pack import open_pack
-    from .memory_budget import gguf_ffn_split
+    from ..pack import open_pack
+    from ..memory_budget import gguf_ffn_split
     pack = open_pack(gguf)  # RippleError naming `ripple-gguf pack` when missing or not bound to this GGUF
     ffn, other = gguf_ffn_split(gguf)
     info = {"gguf": os.path.abspath(gguf), "gguf_bytes": os.path.getsize(gguf), "ffn_bytes": ffn,
@@ -185,7 +185,7 @@ def _worker(args: dict, limit: int | None, timeout: float) -> dict:
             drop_file_cache(path)
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_parent, os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "ripple_gguf.bench_e2e", "--worker", json.dumps(args)]
+    cmd = [sys.executable, "-m", "ripple_gguf.bench.e2e", "--worker", json.dumps(args)]
     cg = MemoryCgroup.create(limit) if limit else None
     rec = {"limit_bytes": cg.limit if cg else None}
     try:
@@ -333,4 +333,4 @@ def format_e2e(res: dict) -> str:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         sys.exit(worker_main(sys.argv[2]))
-    sys.exit("usage: python -m ripple_gguf.bench_e2e --worker JSON (use `ripple-gguf bench e2e` instead)")
+    sys.exit("usage: python -m ripple_gguf.bench.e2e --worker JSON (use `ripple-gguf bench e2e` instead)")
