@@ -26,16 +26,24 @@ COMPUTE_ALLOWANCE = 64 * MIB   # llama.cpp compute buffers + logits at the defau
 RUNTIME_ALLOWANCE = 32 * MIB   # staging, plan buffers, I/O threads' stacks
 
 
+HEADROOM_MIN, HEADROOM_SHARE = 64 * MIB, 0.10  # the Python process, the page cache of our reads
+
+
+def headroom(total: int) -> int:
+    return max(HEADROOM_MIN, int(total * HEADROOM_SHARE))
+
+
+def _ffn_bytes(r) -> int:
+    return sum(ffn_weight_bytes(r, read_ffn_layout(r).n_layer))
+
+
 def gguf_ffn_split(path: str) -> tuple[int, int]:
     """(FFN weight bytes, everything else in the file) of a GGUF (header only: this runs on the load path)."""
-    r = open_header(path)
-    ffn = sum(ffn_weight_bytes(r, read_ffn_layout(r).n_layer))
+    ffn = _ffn_bytes(open_header(path))
     return ffn, os.path.getsize(path) - ffn
 
 
-def kv_cache_bytes(path: str, n_ctx: int) -> int:
-    """f16 K and V of every layer for n_ctx tokens (grouped-query heads counted when the GGUF says)."""
-    r = open_header(path)
+def _kv_bytes(r, n_ctx: int) -> int:
     arch = kv(r, "general.architecture", "llama")
     n_layer = int(kv(r, f"{arch}.block_count", 0) or 0)
     n_embd = int(kv(r, f"{arch}.embedding_length", 0) or 0)
@@ -47,46 +55,48 @@ def kv_cache_bytes(path: str, n_ctx: int) -> int:
     return 2 * 2 * n_layer * n_ctx * width
 
 
+def kv_cache_bytes(path: str, n_ctx: int) -> int:
+    """f16 K and V of every layer for n_ctx tokens (grouped-query heads counted when the GGUF says)."""
+    return _kv_bytes(open_header(path), n_ctx)
+
+
 def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minimum: int,
                          predictor_bytes: int, total: int | None = None) -> tuple[int, dict]:
     """(cache bytes, the split as a dict for `run --verbose`/--json). `total` (--memory-budget): what
     the whole process may use, split the same way instead of the available memory; RippleError when
-    it cannot hold the fixed parts plus one layer of neuron cache."""
+    it cannot hold the fixed parts plus one layer of neuron cache. split["ffn_room"] is what is left
+    for FFN weights of any kind (the neuron cache and predictors, or the GGUF's own FFN on the stock
+    path), next to split["gguf_ffn"]."""
     avail, source = available_memory() if total is None else (total, "--memory-budget")
-    _, other = gguf_ffn_split(model_path)
-    kv_bytes = kv_cache_bytes(model_path, n_ctx)
-    split = {"available": avail, "available_from": source, "non_ffn_weights": other, "kv_cache": kv_bytes,
-             "compute": COMPUTE_ALLOWANCE, "runtime": RUNTIME_ALLOWANCE + predictor_bytes}
+    r = open_header(model_path)
+    ffn = _ffn_bytes(r)
+    other, kv_bytes = os.path.getsize(model_path) - ffn, _kv_bytes(r, n_ctx)
+    split = {"available": avail, "available_from": source, "non_ffn_weights": other, "gguf_ffn": ffn,
+             "kv_cache": kv_bytes, "compute": COMPUTE_ALLOWANCE, "runtime": RUNTIME_ALLOWANCE + predictor_bytes}
     if avail is None:
-        split.update(headroom=0, cache=ffn_pack_bytes, note="available memory unknown: the whole FFN")
+        split.update(headroom=0, ffn_room=None, cache=ffn_pack_bytes, note="available memory unknown: the whole FFN")
         return ffn_pack_bytes, split
-    headroom = max(64 * MIB, avail // 10)
-    left = avail - other - kv_bytes - COMPUTE_ALLOWANCE - RUNTIME_ALLOWANCE - predictor_bytes - headroom
+    fixed = other + kv_bytes + COMPUTE_ALLOWANCE + RUNTIME_ALLOWANCE
+    room = avail - fixed - headroom(avail)
+    left = room - predictor_bytes
     if total is not None and left < minimum:
-        fixed = other + kv_bytes + COMPUTE_ALLOWANCE + RUNTIME_ALLOWANCE + predictor_bytes + minimum
-        need = int(max(fixed + 64 * MIB, fixed / 0.9)) + 1  # the headroom grows with the budget
+        least = fixed + predictor_bytes + minimum
+        need = int(max(least + HEADROOM_MIN, least / (1 - HEADROOM_SHARE))) + 1  # the inverse of headroom()
         raise RippleError(f"memory budget {total / MIB:.0f} MiB cannot hold this model's fixed memory "
                           f"(non-FFN weights {other / MIB:.0f} MiB, KV cache {kv_bytes / MIB:.0f} MiB for {n_ctx} tokens, "
                           f"compute and runtime {(COMPUTE_ALLOWANCE + RUNTIME_ALLOWANCE + predictor_bytes) / MIB:.0f} MiB, "
-                          f"headroom {headroom / MIB:.0f} MiB) plus one layer of neuron cache ({minimum / MIB:.1f} MiB): "
+                          f"headroom {headroom(avail) / MIB:.0f} MiB) plus one layer of neuron cache ({minimum / MIB:.1f} MiB): "
                           f"pass --memory-budget {-(-need // MIB)}MiB or more, or a smaller --ctx")
     cache = int(min(ffn_pack_bytes, max(minimum, left)))
-    split.update(headroom=headroom, cache=cache)
+    split.update(headroom=headroom(avail), ffn_room=room, cache=cache)
     if left < minimum:
         split["note"] = "less memory than one layer's working set needs: running at the minimum cache"
     return cache, split
 
 
-def whole_model_fits(model_path: str, n_ctx: int) -> tuple[bool, str]:
-    """Does the whole GGUF (every weight resident), the KV cache and compute fit in what is available,
-    with the same headroom as the default cache? (fits, a line saying so)."""
-    avail, source = available_memory()
-    if avail is None:
-        return False, "available memory unknown"
-    need = os.path.getsize(model_path) + kv_cache_bytes(model_path, n_ctx) + COMPUTE_ALLOWANCE + RUNTIME_ALLOWANCE
-    headroom = max(64 * MIB, avail // 10)
-    return need + headroom <= avail, (f"the whole model ({need / MIB:.0f} MiB with KV cache and compute) fits in "
-                                      f"{avail / MIB:.0f} MiB available ({source})")
+def whole_model_fits(split: dict) -> bool:
+    """Would the GGUF with every weight resident (the stock path) fit where this split was made?"""
+    return split.get("ffn_room") is not None and split["ffn_room"] >= split["gguf_ffn"]
 
 
 def describe(split: dict) -> str:

@@ -272,14 +272,13 @@ class RippleLlama(llama_cpp.Llama):
         whole model, the sparse runtime would compute exactly llama.cpp's dense FFN, only slower
         (SmolLM2 warm decode: 48 vs 102 tokens/s): run llama.cpp's stock path and say why. Loads it
         and returns True when that is the case."""
-        from .memory_budget import whole_model_fits
-        if opts.all_active or opts.memory_budget is not None or opts.cache_size is not None or opts.cache_ratio is not None \
-                or float(pack.op_density[point]) < 1.0:
+        from .memory_budget import MIB, whole_model_fits
+        split = self.ripple_budget_split  # None when --cache-size/--cache-ratio was given
+        if opts.all_active or opts.memory_budget is not None or split is None or float(pack.op_density[point]) < 1.0 \
+                or not whole_model_fits(split):
             return False
-        fits, why = whole_model_fits(model_path, int(kwargs.get("n_ctx", 512) or 512))
-        if not fits:
-            return False
-        self.ripple_dense_reason = (f"operating point {point} computes every neuron and {why}: "
+        self.ripple_dense_reason = (f"operating point {point} computes every neuron and the whole model fits in "
+                                    f"{split['available'] / MIB:.0f} MiB available ({split['available_from']}): "
                                     "llama.cpp's stock path (pass --memory-budget to use the pack)")
         super().__init__(model_path, **kwargs)
         self.ripple_point = {**_point_info(pack, point), "path": "stock"}
