@@ -40,7 +40,7 @@ def _cmd_convert(args) -> dict:
         print(f"wrote {summary['output']} ({size}, {summary['outtype']}, "
               f"{summary['placement']} placement) in {summary['seconds']} s")
         print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["stages"].items()))
-        print(f"reads/token on {summary['heldout_tokens']} held-out tokens: {rp['stored']:.1f} stored order, "
+        print(f"reads/token on {summary['heldout_tokens']} held-out tokens: {rp['stored']:.1f} pack order, "
               f"{rp['identity']:.1f} identity, {rp['frequency']:.1f} frequency "
               f"({summary['active_per_token']:.1f} active neurons/token)")
         if summary["pack"]:
@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "q4_0 q3_k_l q3_k_m q3_k_s q2_k iq4_nl iq4_xs (default: f16 for a checkpoint; "
                         "a GGUF keeps every tensor's type)")
     c.add_argument("--down-type", default=None,
-                   help="write ffn_down in this type (f32 f16 bf16 q8_0 q6_k ...) instead of requantizing it "
-                        "to the source's: more accuracy, bigger file")
+                   help="write ffn_down in this type (f32 f16 bf16 q8_0 q6_k ...; requantized from the "
+                        "source's with the calibration importance matrix); default: every tensor as stored")
     c.add_argument("--calib", action="append", metavar="FILE",
                    help="calibration text (repeatable); default: text the model generates itself")
     c.add_argument("--placement", default="coactivation", help="coactivation | frequency | identity")

@@ -1,12 +1,12 @@
-"""`ripple-gguf convert`: a GGUF (any llama.cpp type mix) or an HF checkpoint -> GGUF with
-co-activation neuron placement + ripple index (+ the offload pack).
+"""`ripple-gguf convert`: a GGUF (any llama.cpp type mix) or an HF checkpoint -> GGUF with the
+ripple index (co-activation neuron placement) + the offload pack, whose records are in that order.
 
 Stages (each its own module): [hf_convert: llama.cpp's converter, HF sources only] -> one
 llama.cpp pass over the calibration text (profile.record: activity, the down importance matrix and
-the predictors' training data) -> placement (per-layer order) -> gguf_io (gate/up rows moved byte
-for byte, ffn_down requantized with ggml, index keys) -> [llama.cpp's quantizer, with --outtype]
--> make_pack. Everything is built in a temporary directory next to OUT and renamed into place at
-the end, so an error or Ctrl-C never leaves a partial OUT.
+the predictors' training data) -> placement (per-layer order) -> gguf_io (the source's tensors as
+they are, index keys; ffn_down requantized only for --down-type) -> [llama.cpp's quantizer, with
+--outtype] -> make_pack. Everything is built in a temporary directory next to OUT and renamed into
+place at the end, so an error or Ctrl-C never leaves a partial OUT.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from tqdm import tqdm
 from . import ggml_quant
 from .calib import warn_if_starved, GEN_SEQS, MIN_CALIB_TOKENS, generate_batches, read_text_files
 from .errors import RippleError
-from .gguf_io import (FLOAT_TYPES, check_model, down_target_type, open_header, permute_down,
-                      read_ffn_layout, tensor_bytes, write_permuted)
+from .gguf_io import (check_model, convert_down, down_target_type, open_header,
+                      read_ffn_layout, tensor_bytes, write_converted)
 from .hf_convert import check_checkpoint, hf_to_gguf, resolve_source
 from .index_keys import RippleIndex
 from .llama_capture import LlamaRunner
@@ -142,7 +142,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, log=print, file: st
     outtype = opts.outtype if opts.outtype or from_gguf else "f16"
     # the final weights differ from the profiled ones only when llama.cpp's quantizer runs
     quantize_to = outtype if outtype is not None and not (not from_gguf and outtype in HF_FLOAT) else None
-    down_type = QT[opts.down_type.upper()] if opts.down_type else (QT.F32 if from_gguf and quantize_to else None)
+    down_type = QT[opts.down_type.upper()] if opts.down_type else None
     pack_opts = PackOptions(calib=list(opts.calib), max_ppl_increase=opts.max_ppl_increase, n_ctx=opts.n_ctx, seed=opts.seed)
     stages = Stages(log)
 
@@ -187,34 +187,23 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, log=print, file: st
                 for k, v in reads_by_method(held.layer(il)[:, order], order, freq).items():
                     evals[k].append(v)
 
-        downs = []
-        tensors = {t.name: t for t in header.tensors}
-        with stages("ffn_down permute + requantize"):
-            for il in tqdm(range(layout.n_layer), desc="requantizing ffn_down", unit="layer", leave=False):
-                t = tensors[f"blk.{il}.ffn_down.weight"]
-                src_type = QT(t.tensor_type)
-                target = down_target_type(src_type, layout.n_ff[il], down_type)
-                imat = _imatrix(rec.imatrix(il))[orders[il]]
-                downs.append(permute_down(tensor_bytes(header, t), src_type, layout.n_embd, layout.n_ff[il],
-                                          orders[il], target, imat))
-        _report_down(downs, down_type, log)
-
+        downs = _convert_downs(header, layout, down_type, rec, stages, log) if down_type is not None else None
         index = RippleIndex(opts.placement, act.kind, opts.target_density, act.tokens, calib_source,
                             act.thresholds, orders, groups, freqs, held.tokens,
                             {k: np.array(v) for k, v in evals.items()}, source=source.label,
-                            down_source_type=np.array([int(d.source_type) for d in downs]),
-                            down_rel_rms=np.array([d.rel_rms for d in downs]))
-        permuted = tmp / "permuted.gguf"
+                            down_source_type=np.array([int(t) for t in layout.types["down"]]),
+                            down_rel_rms=np.array([d.rel_rms for d in downs] if downs else [0.0] * layout.n_layer))
+        written = tmp / "indexed.gguf"
         total = sum(int(t.n_bytes) for t in header.tensors)
-        with stages("write GGUF"), tqdm(total=total, desc="writing permuted GGUF", unit="B", unit_scale=True, leave=False) as bar:
-            write_permuted(header, permuted, orders, index.to_kv(), downs, progress=bar.update)
+        with stages("write GGUF"), tqdm(total=total, desc="writing GGUF", unit="B", unit_scale=True, leave=False) as bar:
+            write_converted(header, written, index.to_kv(), downs, progress=bar.update)
         del downs
-        final = permuted
+        final = written
         if quantize_to:
             final = tmp / "quantized.gguf"
             with stages(f"llama.cpp quantizer ({quantize_to})"):
-                quantize_gguf(permuted, final, quantize_to, allow_requantize=from_gguf)
-            permuted.unlink()
+                quantize_gguf(written, final, quantize_to, allow_requantize=from_gguf)
+            written.unlink()
         pack_summary = None
         if opts.pack:
             log("building the offload pack (neuron bundles + predictors)")
@@ -258,6 +247,22 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, log=print, file: st
     }
 
 
+def _convert_downs(header, layout, down_type: QT, rec, stages, log) -> list:
+    """--down-type: every layer's ffn_down in that type (llama.cpp's fallback where ggml cannot
+    write it), requantized with the calibration importance matrix."""
+    downs = []
+    tensors = {t.name: t for t in header.tensors}
+    with stages(f"ffn_down -> {down_type.name}"):
+        for il in tqdm(range(layout.n_layer), desc="converting ffn_down", unit="layer", leave=False):
+            t = tensors[f"blk.{il}.ffn_down.weight"]
+            src_type = QT(t.tensor_type)
+            target = down_target_type(src_type, layout.n_ff[il], down_type)
+            downs.append(convert_down(tensor_bytes(header, t), src_type, layout.n_embd, layout.n_ff[il],
+                                      target, _imatrix(rec.imatrix(il))))
+    _report_down(downs, down_type, log)
+    return downs
+
+
 def _imatrix(mean_sq: np.ndarray) -> np.ndarray:
     """The importance matrix handed to ggml: mean h^2 per neuron, floored at 1e-6 of its mean so a
     neuron that never fired on the calibration text (or a block of them) still gets a finite weight
@@ -287,8 +292,8 @@ def _report_down(downs, down_type, log) -> None:
             why = ("ggml cannot quantize it" if not ggml_quant.can_quantize(wanted)
                    else "its blocks do not divide n_ff")
             note = f"; {wanted.name} is not possible ({why}), written as llama.cpp's fallback {dst.name}"
-        if src == dst and src in FLOAT_TYPES:
-            log(f"ffn_down {src.name}: permuted exactly ({len(errs)} layers)")
+        if src == dst:
+            log(f"ffn_down {src.name}: kept as stored ({len(errs)} layers)")
         else:
             log(f"ffn_down {src.name} -> {dst.name}: requantized, relative RMS error vs the source "
                 f"{100 * np.mean(errs):.2f}% mean, {100 * np.max(errs):.2f}% max ({len(errs)} layers){note}")

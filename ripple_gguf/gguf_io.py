@@ -1,12 +1,12 @@
-"""GGUF FFN layout and `ripple.*` keys; writing a GGUF whose FFN neurons are permuted.
+"""GGUF FFN layout and `ripple.*` keys; writing the converted GGUF (the source's tensors + index).
 
 Reading goes through the light header reader (gguf_header.GGUFHeader) and tensor bytes through
 np.memmap at the header's offsets; gguf-py's GGUFWriter only writes. Layout facts (ggml ne order):
   ffn_gate / ffn_up  {n_embd, n_ff}: neuron i is row i, quant blocks run along n_embd
-                     -> rows move byte for byte, lossless for every type
-  ffn_down           {n_ff, n_embd}: neuron i is column i, quant blocks run along n_ff
-                     -> dequantize, permute columns, requantize (ggml's quantizer); floats: exact
-  1-D ffn_gate/ffn_up biases: one value per neuron -> permuted; ffn_down bias: unchanged
+  ffn_down           {n_ff, n_embd}: neuron i is column i, quant blocks run along n_ff, so moving
+                     neurons would mean requantizing it (a second rounding: +1.5-2% perplexity on a
+                     4-bit SmolLM2). The GGUF therefore keeps the source's neuron order and tensors
+                     byte for byte; the placement order lives in the pack (docs/FORMAT.md).
 """
 from __future__ import annotations
 
@@ -163,11 +163,11 @@ def tensor_bytes(header: GGUFHeader, t: HeaderTensor) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# ffn_down: the one tensor that must be requantized
+# ffn_down in another type (--down-type): the one tensor convert may requantize
 
 @dataclass
 class DownResult:
-    data: np.ndarray        # (n_embd, row_bytes) uint8 in out_type, columns in stored order
+    data: np.ndarray        # (n_embd, row_bytes) uint8 in out_type
     source_type: QT
     out_type: QT
     rel_rms: float          # ||out - source|| / ||source|| on the dequantized values (0: exact)
@@ -182,17 +182,15 @@ def down_target_type(source: QT, n_ff: int, down_type: QT | None) -> QT:
     return ggml_quant.fallback_type(want, n_ff, have_imatrix=True)
 
 
-def permute_down(raw: np.ndarray, source: QT, n_embd: int, n_ff: int, order: np.ndarray,
-                 out_type: QT, imatrix: np.ndarray | None) -> DownResult:
-    """ffn_down with its columns in `order`. Float types with an unchanged type are gathered exactly;
-    everything else goes through ggml's to_float and ggml_quantize_chunk with `imatrix` (the mean
-    squared FFN intermediate per neuron, in stored order: llama.cpp's importance matrix for down)."""
+def convert_down(raw: np.ndarray, source: QT, n_embd: int, n_ff: int, out_type: QT,
+                 imatrix: np.ndarray | None) -> DownResult:
+    """ffn_down in `out_type`: as stored when the type is unchanged; else through ggml's to_float
+    and ggml_quantize_chunk with `imatrix` (the mean squared FFN intermediate per neuron: llama.cpp's
+    importance matrix for down)."""
     rows = np.asarray(raw).reshape(n_embd, -1)
-    if source == out_type and source in FLOAT_TYPES:
-        el = {QT.F32: np.uint32, QT.F16: np.uint16, QT.BF16: np.uint16}[source]
-        data = np.ascontiguousarray(rows.view(el)[:, order]).view(np.uint8)
-        return DownResult(data, source, out_type, 0.0)
-    vals = ggml_quant.dequantize(rows, source, n_ff)[:, order]
+    if source == out_type:
+        return DownResult(rows, source, out_type, 0.0)
+    vals = ggml_quant.dequantize(rows, source, n_ff)
     q = ggml_quant.quantize(vals, out_type, imatrix if out_type not in FLOAT_TYPES else None)
     err = 0.0 if out_type == QT.F32 else ggml_quant.relative_rms(vals, ggml_quant.dequantize(q, out_type, n_ff))
     return DownResult(q, source, out_type, err)
@@ -274,12 +272,11 @@ def _byte_shape(ne: tuple[int, ...], qtype: QT) -> tuple[int, ...]:
     return (*shape[:-1], shape[-1] // block * size)
 
 
-def write_permuted(header: GGUFHeader, dst: Path, orders: list[np.ndarray], ripple_kv: dict,
-                   downs: list[DownResult], progress: Callable[[int], None] | None = None) -> None:
-    """Copy the GGUF of `header` to `dst` with FFN neurons in `orders` (gate/up rows and biases
-    moved byte for byte, ffn_down from `downs`) and `ripple_kv` added; every other tensor, the KV
-    metadata, the alignment and the tensor order as they are. dst is written as given (callers
-    pass a temporary name and rename)."""
+def write_converted(header: GGUFHeader, dst: Path, ripple_kv: dict, downs: list[DownResult] | None = None,
+                    progress: Callable[[int], None] | None = None) -> None:
+    """Copy the GGUF of `header` to `dst` with `ripple_kv` added (and ffn_down from `downs`, when
+    given); every other tensor, the KV metadata, the alignment and the tensor order as they are.
+    dst is written as given (callers pass a temporary name and rename)."""
     writer = _Writer(dst, str(header.get("general.architecture")))
     try:
         _copy_kv(header, writer)
@@ -288,7 +285,7 @@ def write_permuted(header: GGUFHeader, dst: Path, orders: list[np.ndarray], ripp
         for t in header.tensors:
             m = _FFN_RE.match(t.name)
             qtype, n_bytes = QT(t.tensor_type), int(t.n_bytes)
-            if m and m.group(2) == "ffn_down" and m.group(3) == "weight":
+            if downs and m and m.group(2) == "ffn_down" and m.group(3) == "weight":
                 d = downs[int(m.group(1))]
                 qtype, n_bytes = d.out_type, d.data.nbytes
             writer.add_tensor_info(t.name, _byte_shape(t.shape, qtype), np.dtype(np.uint8), n_bytes, qtype)
@@ -297,15 +294,9 @@ def write_permuted(header: GGUFHeader, dst: Path, orders: list[np.ndarray], ripp
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t, m in plan:
-            raw = tensor_bytes(header, t)
-            if m:
-                il, kind, part = int(m.group(1)), m.group(2), m.group(3)
-                if kind == "ffn_down":
-                    data = downs[il].data if part == "weight" else raw
-                else:  # gate/up weight rows or bias elements: neuron i is the i-th of n_ff equal slices
-                    data = np.ascontiguousarray(raw.reshape(len(orders[il]), -1)[orders[il]])
-            else:
-                data = raw
+            data = tensor_bytes(header, t)
+            if downs and m and m.group(2) == "ffn_down" and m.group(3) == "weight":
+                data = downs[int(m.group(1))].data
             writer.write_tensor_data(np.asarray(data).reshape(-1).view(np.uint8))
             if progress:
                 progress(int(t.n_bytes))

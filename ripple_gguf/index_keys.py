@@ -11,7 +11,8 @@ import numpy as np
 from .errors import RippleError
 from .gguf_io import kv, kv_array
 
-FORMAT_VERSION = 1
+# 2: the GGUF keeps the source neuron order; `order` places the pack's records (1: the GGUF was permuted)
+FORMAT_VERSION = 2
 EVAL_METHODS = ("stored", "identity", "frequency")
 
 
@@ -27,14 +28,24 @@ class RippleIndex:
     calib_tokens: int
     calib_source: str
     thresholds: np.ndarray          # (n_layer,)
-    orders: list[np.ndarray]        # per layer: original neuron index at each stored position
-    group_starts: list[np.ndarray]  # per layer: first stored position of each group
-    act_freq: list[np.ndarray]      # per layer, per stored position: fraction of calib tokens active
+    orders: list[np.ndarray]        # per layer: GGUF neuron index at each pack position (placement order)
+    group_starts: list[np.ndarray]  # per layer: first pack position of each group
+    act_freq: list[np.ndarray]      # per layer, per pack position: fraction of calib tokens active
     eval_tokens: int = 0
     eval: dict[str, np.ndarray] | None = None  # "active"/"stored"/"identity"/"frequency" -> (n_layer,)
     source: str = ""                # what was converted (file name or checkpoint)
     down_source_type: np.ndarray | None = None  # (n_layer,) ggml type of the source's ffn_down
-    down_rel_rms: np.ndarray | None = None      # (n_layer,) error added by permuting ffn_down
+    down_rel_rms: np.ndarray | None = None      # (n_layer,) error --down-type added to ffn_down (0: as stored)
+
+    def in_pack_order(self, il: int, per_neuron: np.ndarray) -> np.ndarray:
+        """(tokens, n_ff) values in the GGUF's neuron order (what llama.cpp computes) -> pack order."""
+        return np.asarray(per_neuron)[..., self.orders[il]]
+
+    def to_gguf_order(self, il: int, per_position: np.ndarray) -> np.ndarray:
+        """The inverse: (tokens, n_ff) values per pack position -> the GGUF's neuron order."""
+        out = np.empty_like(per_position)
+        out[..., self.orders[il]] = per_position
+        return out
 
     def to_kv(self) -> dict:
         items = {

@@ -27,11 +27,12 @@ def measure_text(path: Path, index, text: str, pack=None, n_ctx: int = 512, max_
         if not chunks:
             raise RippleError("--text is too short to measure anything; pass a longer file")
         act = profile(runner, chunks, thresholds=index.thresholds, kind=index.activation, desc="profiling text")
-        per = [reads_by_method(act.layer(il), index.orders[il], index.act_freq[il]) for il in range(len(index.orders))]
+        per = [reads_by_method(index.in_pack_order(il, act.layer(il)), index.orders[il], index.act_freq[il])
+               for il in range(len(index.orders))]
         if pack is not None:
             with tempfile.TemporaryDirectory() as d:
                 xs, hs, n = capture_layers(runner, chunks, max_tokens, d, desc="recording activations")
-                pred = [evaluate(p, xs[il][:n], hs[il][:n], float(pack.act_threshold[il]))
+                pred = [evaluate(p, xs[il][:n], index.in_pack_order(il, hs[il][:n]), float(pack.act_threshold[il]))
                         for il, p in enumerate(pack.predictors)]
                 del xs, hs
     out = {"tokens": act.tokens, **{k: np.array([p[k] for p in per]) for k in per[0]}}
@@ -150,14 +151,14 @@ def format_report(info: dict) -> str:
         lines.append("  no ripple index: a plain GGUF (convert it with `ripple-gguf convert`)")
         return "\n".join(lines)
     if r.get("down_rel_rms") is not None:
-        lines.append("  ffn_down requantization (permuted columns vs the source's dequantized ffn_down):")
+        lines.append("  ffn_down vs the source's (converted with --down-type when not as stored):")
         out_types = info["ffn_types"]["down"]
         by = {}
         for il, (src, dst, e) in enumerate(zip(r["down_source_type"], out_types, r["down_rel_rms"])):
             by.setdefault((src, dst), []).append((il, e))
         for (src, dst), v in by.items():
             errs = [e for _, e in v]
-            what = "exact" if max(errs) == 0 else (f"relative RMS {100 * np.mean(errs):.2f}% mean, "
+            what = "as stored, exact" if max(errs) == 0 else (f"requantized: relative RMS {100 * np.mean(errs):.2f}% mean, "
                                                    f"{100 * max(errs):.2f}% max (layer {max(v, key=lambda t: t[1])[0]})")
             lines.append(f"    {src} -> {dst} in {len(v)} layer(s): {what}")
     if r.get("source"):

@@ -39,8 +39,8 @@ class PackOptions:
 
 def build_pack(gguf_path: str | Path, opts: PackOptions, tokens: list[int] | None = None,
                out: Path | None = None, log=print, stages=None) -> dict:
-    """Build the pack for a converted GGUF: one llama.cpp pass records x/h in its stored order.
-    `tokens` (from convert) skips tokenizing --calib."""
+    """Build the pack for a converted GGUF: one llama.cpp pass records x/h (the GGUF's neuron
+    order; the index's orders put them in pack order). `tokens` (from convert) skips tokenizing --calib."""
     gguf_path = Path(gguf_path)
     _check(opts)
     header = open_header(gguf_path)
@@ -71,7 +71,7 @@ def build_pack(gguf_path: str | Path, opts: PackOptions, tokens: list[int] | Non
         chunk_sets = [quality.calibration_chunks([tokens[n_eval:]], opts.n_ctx, bos)]
         if opts.calib:
             chunk_sets.append(quality.neutral_chunks(gguf_path, bos, opts.seed + 1))
-        return pack_from_recording(gguf_path, xs, hs, n, None, index.thresholds, opts, out, stages, chunk_sets)
+        return pack_from_recording(gguf_path, xs, hs, n, index.orders, index.thresholds, opts, out, stages, chunk_sets)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -81,19 +81,19 @@ def runner_bos(gguf_path) -> int:
 
 
 def down_col_sq(header, il: int, n_ff: int) -> np.ndarray:
-    """|column p of ffn_down|^2 per neuron (stored order): how much of the output a unit of h moves."""
+    """|column i of ffn_down|^2 per neuron (GGUF order): how much of the output a unit of h moves."""
     t = next(t for t in header.tensors if t.name == f"blk.{il}.ffn_down.weight")
     return np.square(dequantize(tensor_bytes(header, t), t.tensor_type, n_ff)).sum(0, dtype=np.float64).astype(np.float32)
 
 
 def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarray], n: int,
-                        orders: list[np.ndarray] | None, thresholds: np.ndarray, opts: PackOptions,
+                        orders: list[np.ndarray], thresholds: np.ndarray, opts: PackOptions,
                         out: Path, stages, ppl_chunk_sets: list) -> dict:
     """Train and evaluate the per-layer predictors on recorded FFN inputs `xs` and intermediates
-    `hs` (first `n` tokens; columns in original order, put into stored order by `orders`, or already
-    stored with orders=None), derive the operating points (quality.py; perplexity measured on each
-    set of token chunks in `ppl_chunk_sets`, text the predictors did not train on, the worst kept)
-    and write the pack for `gguf_path` to `out`."""
+    `hs` (first `n` tokens; columns in the GGUF's neuron order, put into pack order by `orders`, the
+    GGUF index's), derive the operating points (quality.py; perplexity measured on each set of token
+    chunks in `ppl_chunk_sets`, text the predictors did not train on, the worst kept) and write the
+    pack for `gguf_path` to `out`."""
     _check(opts)
     header = open_header(gguf_path)
     layout = read_ffn_layout(header)
@@ -108,25 +108,21 @@ def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarr
     curves = []
     with stages("predictors"):
         for il in tqdm(range(layout.n_layer), desc="training predictors", unit="layer", leave=False):
-            x, h, thr = np.asarray(xs[il][:n]), np.asarray(hs[il][:n]), float(thresholds[il])
-            if orders is not None:
-                h = h[:, orders[il]]
+            x, h, thr = np.asarray(xs[il][:n]), np.asarray(hs[il][:n])[:, orders[il]], float(thresholds[il])
             rank = opts.rank or choose_rank(layout.n_embd, layout.n_ff[il], ffn_bytes[il])
             p = train_layer(x[:n_train], h[:n_train], thr, rank, seed=opts.seed + il,
                             **({"steps": opts.steps} if opts.steps else {}))
             curves.append(quality.layer_curve(p.scores(x[n_train:n_tune]), h[n_train:n_tune],
-                                              down_col_sq(header, il, layout.n_ff[il])))
+                                              down_col_sq(header, il, layout.n_ff[il])[orders[il]]))
             predictors.append(p)
     with stages("operating points (perplexity per density)"):
         points = quality.operating_points(curves, ffn_bytes)
-        points, dense_ppl = quality.measure(points, gguf_path, ppl_chunk_sets, opts.n_ctx, predictors)
+        points, dense_ppl = quality.measure(points, gguf_path, ppl_chunk_sets, opts.n_ctx, predictors, orders)
         default = quality.choose(points, opts.max_ppl_increase)
     for p, t in zip(predictors, points[default].thresholds):
         p.threshold = float(t)
     for il, p in enumerate(predictors):
-        x, h = np.asarray(xs[il][n_tune:n]), np.asarray(hs[il][n_tune:n])
-        if orders is not None:
-            h = h[:, orders[il]]
+        x, h = np.asarray(xs[il][n_tune:n]), np.asarray(hs[il][n_tune:n])[:, orders[il]]
         for k, v in evaluate(p, x, h, float(thresholds[il])).items():
             stats[k].append(v)
     meta = {"act_threshold": thresholds,
@@ -135,7 +131,7 @@ def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarr
     part = out.with_name(f".{out.name}.part")
     try:
         with stages("write pack"), tqdm(total=layout.n_layer, desc="writing pack", unit="layer", leave=False) as bar:
-            held = write_pack(gguf_path, part, predictors, stats, meta, progress=bar.update,
+            held = write_pack(gguf_path, part, orders, predictors, stats, meta, progress=bar.update,
                               down_policy=opts.down_policy)
         os.replace(part, out)
     finally:

@@ -1,8 +1,8 @@
 """The offload pack `OUT.ripple` (spec: docs/FORMAT.md section 2): write, open, verify, read runs.
 
-Per layer a neuron-major bundle table (record p = gate_p | up_p | down_p in the GGUF's stored
-order, so a run of co-active neurons is one contiguous byte range), the predictors, and a binding
-to the GGUF so a pack never runs against the wrong model.
+Per layer a neuron-major bundle table (record p = gate | up | down of GGUF neuron order[p], the
+placement order, so a run of co-active neurons is one contiguous byte range), the predictors, and
+a binding to the GGUF so a pack never runs against the wrong model.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .gguf_header import GGUFHeader, HeaderError
 from .gguf_io import FfnLayout, add_ripple_kv, kv, kv_array, open_header, read_ffn_layout, tensor_bytes
 from .predictor import LayerPredictor
 
-PACK_VERSION = 2  # 2: per-layer, per-part row types (any ggml type), checksums
+PACK_VERSION = 3  # 2: per-layer, per-part row types (any ggml type), checksums; 3: records in placement order of the unpermuted GGUF (ripple.blk.{i}.order)
 PACK_ARCH = "ripple_pack"
 PACK_ALIGN = 4096
 _EDGE = 64 * 1024
@@ -144,22 +144,23 @@ def down_rows(header: GGUFHeader, t, n_embd: int, n_ff: int, qtype: QT) -> tuple
     return rows, err
 
 
-def layer_bundles(header: GGUFHeader, tensors: dict, layout: FfnLayout, il: int, down_policy: str = "auto") -> tuple[np.ndarray, dict]:
-    """Layer il's records (n_ff, bundle_bytes) and what they hold: {part: type, 'down_source':
-    type, 'down_rel_rms': float}."""
+def layer_bundles(header: GGUFHeader, tensors: dict, layout: FfnLayout, il: int, order: np.ndarray,
+                  down_policy: str = "auto") -> tuple[np.ndarray, dict]:
+    """Layer il's records (n_ff, bundle_bytes), record p holding GGUF neuron order[p], and what they
+    hold: {part: type, 'down_source': type, 'down_rel_rms': float}."""
     n_ff, n_embd = layout.n_ff[il], layout.n_embd
     parts, info = [], {}
     for part in ("gate", "up"):
         t = tensors.get(f"blk.{il}.ffn_{part}.weight")
         if t is None:
             continue
-        parts.append(_raw_rows(header, t, n_ff))  # neuron i is row i: copied as stored
+        parts.append(_raw_rows(header, t, n_ff)[order])  # neuron i is row i: copied as stored
         info[part] = QT(t.tensor_type)
     t = tensors[f"blk.{il}.ffn_down.weight"]
     info["down"] = pack_down_type(QT(t.tensor_type), n_embd, down_policy)
     rows, info["down_rel_rms"] = down_rows(header, t, n_embd, n_ff, info["down"])
     info["down_source"] = QT(t.tensor_type)
-    parts.append(rows)
+    parts.append(rows[order])
     return np.ascontiguousarray(np.concatenate(parts, axis=1)), info
 
 
@@ -176,10 +177,12 @@ def check_pack_types(header: GGUFHeader, layout: FfnLayout) -> None:
             ggml_quant.fallback_type(qt, layout.n_embd)  # raises if ggml has no such type
 
 
-def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], stats: dict, meta: dict,
-               progress: Callable[[int], None] | None = None, down_policy: str = "auto") -> dict:
-    """Write the pack for `gguf_path` to `out` (callers pass a temporary name and rename). Returns
-    what each layer's records hold (types, down requantization error)."""
+def write_pack(gguf_path: Path, out: Path, orders: list[np.ndarray], predictors: list[LayerPredictor],
+               stats: dict, meta: dict, progress: Callable[[int], None] | None = None,
+               down_policy: str = "auto") -> dict:
+    """Write the pack for `gguf_path` to `out` (callers pass a temporary name and rename), record p
+    of layer i holding GGUF neuron orders[i][p] (the index's placement). Returns what each layer's
+    records hold (types, down requantization error)."""
     gguf_path = Path(gguf_path)
     header = GGUFHeader(gguf_path)
     layout = read_ffn_layout(header)
@@ -230,6 +233,7 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
     for il in range(layout.n_layer):
         g = kv_array(header, f"ripple.blk.{il}.group_starts")
         items[f"ripple.blk.{il}.group_starts"] = g if g is not None else np.zeros(1, dtype=np.uint32)
+        items[f"ripple.blk.{il}.order"] = np.asarray(orders[il], dtype=np.uint32)
     # down_rel_rms is known only once each layer's rows are made: written as zeros (fixed size),
     # then patched in place, so layers stream through one at a time
     items["ripple.pack.down_rel_rms"] = np.zeros(layout.n_layer, dtype=np.float32)
@@ -255,7 +259,7 @@ def write_pack(gguf_path: Path, out: Path, predictors: list[LayerPredictor], sta
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for il, p in enumerate(predictors):
-            rows, info = layer_bundles(header, tensors, layout, il, down_policy)
+            rows, info = layer_bundles(header, tensors, layout, il, orders[il], down_policy)
             assert rows.shape == (layout.n_ff[il], bundle[il]) and info["down"] == types["down"][il], (rows.shape, info)
             errors[il] = info["down_rel_rms"]
             writer.write_tensor_data(rows.view(np.int8))
@@ -313,6 +317,7 @@ class Pack:
     group_starts: list[np.ndarray]
     file_bytes: int
     sum_offsets: list[int] = None    # absolute file offset of each layer's record checksums (u64[n_ff])
+    orders: list[np.ndarray] = None  # per layer: the GGUF neuron each record holds
 
     @property
     def predictor_bytes(self) -> int:
@@ -481,11 +486,16 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
         if v is not None:
             stats[k] = v.astype(np.float64)
     groups = [kv_array(r, f"ripple.blk.{il}.group_starts") for il in range(n_layer)]
+    orders = [kv_array(r, f"ripple.blk.{il}.order") for il in range(n_layer)]
+    for il, o in enumerate(orders):
+        if o is None or len(o) != n_ff[il] or not np.array_equal(np.sort(o.astype(np.int64)), np.arange(n_ff[il])):
+            raise RippleError(f"{path}: ripple.blk.{il}.order is missing or not a permutation of the layer's neurons; {fix}")
     return Pack(path, gguf_path, n_layer, n_embd, n_ff, has_gate, part_types, types["down_source"],
                 rel.astype(np.float64), [int(v) for v in bb], offsets, preds,
                 act_threshold.astype(np.float32), str(kv(r, "ripple.pack.activation", "")),
                 *ops, int(kv(r, "ripple.pack.train_tokens", 0)),
-                int(kv(r, "ripple.pack.eval.tokens", 0)), stats, groups, size, sum_offsets)
+                int(kv(r, "ripple.pack.eval.tokens", 0)), stats, groups, size, sum_offsets,
+                [o.astype(np.int64) for o in orders])
 
 
 def _operating_points(r, n_layer: int, default_thresholds: np.ndarray, path, fix: str):

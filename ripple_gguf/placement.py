@@ -359,7 +359,7 @@ def runs_per_token(active: np.ndarray) -> np.ndarray:
 
 
 def group_starts(active: np.ndarray, min_link: float = 0.5, max_group: int = 64) -> np.ndarray:
-    """Cut the stored order into neuron groups (active is already in stored order).
+    """Cut the pack order into neuron groups (active is already in pack order).
 
     A new group starts where two neighbours rarely fire together (co-activation below `min_link` of
     the rarer one's activations) or the group reached `max_group`: a group is a unit that tends to be
@@ -378,9 +378,9 @@ def group_starts(active: np.ndarray, min_link: float = 0.5, max_group: int = 64)
 
 
 def reads_by_method(active_stored: np.ndarray, order: np.ndarray, freq_stored: np.ndarray) -> dict[str, float]:
-    """Mean contiguous reads per token of one layer under the stored order and the two baselines.
+    """Mean contiguous reads per token of one layer under the pack (stored) order and the two baselines.
 
-    active_stored: (tokens, n) activity with columns in stored order; order[p] = original index of
+    active_stored: (tokens, n) activity with columns in pack order; order[p] = GGUF neuron index at
     stored position p; freq_stored: calibration activation frequency per stored position (the
     frequency baseline must not peek at the text being evaluated).
     """

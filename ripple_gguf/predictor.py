@@ -112,7 +112,7 @@ def _pca_init(Xn, rank: int, g):
 def train_layer(x: np.ndarray, h: np.ndarray, act_threshold: float, rank: int, steps: int | None = None,
                 batch: int = 256, lr: float = 4e-2, seed: int = 0, epochs: float = 4.0,
                 bf16: bool | None = None) -> LayerPredictor:
-    """x: (T, n_embd) FFN inputs, h: (T, n_ff) intermediates (stored order) of training tokens.
+    """x: (T, n_embd) FFN inputs, h: (T, n_ff) intermediates (pack order) of training tokens.
 
     W1 starts from PCA of x, W2 from zero; then AdamW with a cosine schedule from a high learning
     rate for `epochs` passes over the tokens (at least MIN_STEPS batches; exactly `steps` if given)

@@ -47,7 +47,7 @@ def chunk_tokens(tokens: list[int], n_ctx: int, bos: int | None) -> list[list[in
 
 def profile(runner: LlamaRunner, chunks: list[list[int]], target_density: float = 0.3,
             thresholds: np.ndarray | None = None, kind: str | None = None, desc: str = "profiling") -> Activity:
-    """Evaluate every chunk and record binary activity per layer (original stored order)."""
+    """Evaluate every chunk and record binary activity per layer (the GGUF's neuron order)."""
     return record(chunk_batches(runner, chunks, desc=desc), runner.n_layer, target_density, thresholds, kind).activity
 
 

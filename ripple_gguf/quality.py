@@ -128,10 +128,11 @@ def parse_budget(text) -> float:
 
 # --- selection rules applied inside llama.cpp's graph (LlamaRunner.ffn_mask) ------------------------
 
-def predictor_rule(predictors, thresholds, floor: float = 0.0, counts: list | None = None):
-    """The runtime's rule: neuron p of layer l computed when its predictor score > thresholds[l], or
-    when it is among the token's top ceil(floor * n_ff) scores. `counts` ([computed, total], bytes
-    weighted per layer) accumulates the density it selects."""
+def predictor_rule(predictors, orders, thresholds, floor: float = 0.0, counts: list | None = None):
+    """The runtime's rule: pack position p of layer l computed when its predictor score >
+    thresholds[l], or when it is among the token's top ceil(floor * n_ff) scores; the mask is put
+    back into the GGUF's neuron order (position p holds neuron orders[l][p]). `counts` ([computed,
+    total]) accumulates the density it selects."""
     def rule(il, x, gate, h):
         s = predictors[il].scores(x)
         m = s > thresholds[il]
@@ -140,7 +141,9 @@ def predictor_rule(predictors, thresholds, floor: float = 0.0, counts: list | No
         if counts is not None:
             counts[0] += m.sum()
             counts[1] += m.size
-        return m
+        out = np.empty_like(m)
+        out[:, orders[il]] = m
+        return out
     return rule
 
 
@@ -211,14 +214,15 @@ def neutral_chunks(gguf_path, bos: int, seed: int, n_tokens: int = PPL_TOKENS, s
     return [[bos] + s[:seq_len - 1] for s in seqs if len(s) >= 16]
 
 
-def measure(points: list[OperatingPoint], gguf_path, chunk_sets: list, n_ctx: int, predictors) -> tuple[list[OperatingPoint], float]:
+def measure(points: list[OperatingPoint], gguf_path, chunk_sets: list, n_ctx: int, predictors,
+            orders) -> tuple[list[OperatingPoint], float]:
     """Each point's ppl_increase (the largest over the chunk sets: one estimate per kind of text) and
     the density it really selects (floor included) on the first set; points that come out no sparser
     than a denser one are dropped. Returns (points, dense perplexity on the first set)."""
     counts = [[0, 0] for _ in points[1:]]
     incs, dense = [], None
     for k, chunks in enumerate(chunk_sets):
-        rules = [None] + [predictor_rule(predictors, p.thresholds, p.floor, c if k == 0 else None)
+        rules = [None] + [predictor_rule(predictors, orders, p.thresholds, p.floor, c if k == 0 else None)
                           for p, c in zip(points[1:], counts)]
         ppls = masked_perplexities(gguf_path, chunks, rules, n_ctx)
         if not math.isfinite(ppls[0]) or ppls[0] > 1e6:  # damaged weights that stay finite but say nothing

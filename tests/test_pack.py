@@ -42,7 +42,7 @@ def test_bundles_round_trip_to_gguf_tensors(converted, model, outtype):
         starts = np.sort(rng.choice(n - 8, 5, replace=False))
         runs = [(int(s), int(rng.integers(1, 8))) for s in starts]
         got = pk.read_runs(il, runs)
-        idx = np.concatenate([np.arange(s, s + c) for s, c in runs])
+        idx = pk.orders[il][np.concatenate([np.arange(s, s + c) for s, c in runs])]  # record p: neuron order[p]
         np.testing.assert_array_equal(got["up"], ffn(reader, il, "ffn_up")[idx])
         if pk.has_gate:
             np.testing.assert_array_equal(got["gate"], ffn(reader, il, "ffn_gate")[idx])
@@ -99,9 +99,10 @@ def test_mixed_type_pack_holds_each_part_in_its_own_type(converted, tmp_path, ft
         assert pk.down_source_type[il] == src and parts["down"] == pack_down_type(src, pk.n_embd, "auto")
         assert ggml_quant.block_size(parts["down"]) <= 32 or ggml_quant.block_size(parts["down"]) == 1  # fits n_embd 128
         got = pk.read_runs(il, [(0, pk.n_ff[il])])
-        np.testing.assert_array_equal(got["up"], ffn(reader, il, "ffn_up"))
-        np.testing.assert_array_equal(got["gate"], ffn(reader, il, "ffn_gate"))
-        down = ffn(reader, il, "ffn_down").T
+        order = pk.orders[il]
+        np.testing.assert_array_equal(got["up"], ffn(reader, il, "ffn_up")[order])
+        np.testing.assert_array_equal(got["gate"], ffn(reader, il, "ffn_gate")[order])
+        down = ffn(reader, il, "ffn_down")[:, order].T
         err = ggml_quant.relative_rms(down, got["down"])
         assert abs(err - pk.down_rel_rms[il]) < 1e-4 and 0 < err < 0.012, (il, parts, err)  # Q8_0 by default
     if ftype == "q4_k_m":
