@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", action="append", metavar="FILE",
                    help="calibration text (repeatable); default: text the model generates itself")
     c.add_argument("--placement", default="coactivation", help="coactivation | frequency | identity")
-    c.add_argument("--calib-tokens", type=int, default=32768, help="max calibration tokens (default 32768)")
+    c.add_argument("--calib-tokens", type=int, default=16384,
+                   help="max calibration tokens profiled (default 16384, what the predictors train on; each costs a "
+                        "llama.cpp forward pass)")
     c.add_argument("--target-density", type=float, default=0.3,
                    help="SwiGLU-style FFNs: share of neurons counted active (default 0.3)")
     c.add_argument("--ctx", type=int, default=512, help="tokens per calibration sequence (default 512)")

@@ -163,15 +163,19 @@ class LlamaRunner:
     def bos(self) -> int:
         return int(llama_cpp.llama_vocab_bos(self.vocab))
 
-    def evaluate(self, tokens: list[int], want_logits: bool = False):
-        """Decode one fresh sequence. Every position is an output so the last layer's FFN runs for
-        all tokens (llama.cpp prunes non-output rows before it otherwise). Returns
-        (logits or None, {("act"|"input", layer): (n_tokens, width) array}, {layer: act node name})."""
+    def evaluate(self, tokens: list[int], want_logits: bool = False, logits_from: int = 0):
+        """Decode one fresh sequence. Positions from `logits_from` on are outputs (the logits of
+        positions logits_from..n-1 when want_logits); by default all are, so the last layer's FFN
+        runs for all tokens (llama.cpp prunes non-output rows before it: the last layer's captures
+        then hold the output rows only). Returns (logits or None, {("act"|"input", layer):
+        (rows, width) array}, {layer: act node name})."""
         n = len(tokens)
         if not 0 < n <= self.n_ctx:
             raise ValueError(f"chunk of {n} tokens does not fit n_ctx={self.n_ctx}")
+        if not 0 <= logits_from < n:
+            raise ValueError(f"logits_from {logits_from} outside a chunk of {n} tokens")
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
-        return self._decode(tokens, range(n), [0] * n, want_logits)
+        return self._decode(tokens, range(n), [0] * n, want_logits, logits_from)
 
     def step(self, tokens: list[int], positions: list[int], seqs: list[int]):
         """One batched step: token i at position positions[i] of sequence seqs[i] (one token per
@@ -181,7 +185,7 @@ class LlamaRunner:
     def clear_seq(self, seq: int) -> None:
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), seq, -1, -1)
 
-    def _decode(self, tokens, positions, seqs, want_logits: bool):
+    def _decode(self, tokens, positions, seqs, want_logits: bool, logits_from: int = 0):
         n = len(tokens)
         b = self.batch
         b.n_tokens = n
@@ -190,7 +194,7 @@ class LlamaRunner:
             b.pos[i] = pos
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = seq
-            b.logits[i] = 1
+            b.logits[i] = int(i >= logits_from)
         self._captured, self._act_names, self._pending = {}, {}, None
         self._stop_early, self._stopped = bool(self._wanted) and not want_logits, False
         with deferred():
@@ -202,7 +206,8 @@ class LlamaRunner:
         logits = None
         if want_logits:
             ptr = llama_cpp.llama_get_logits(self.ctx)
-            logits = np.ctypeslib.as_array(ptr, shape=(n * self.n_vocab,)).reshape(n, self.n_vocab).copy()
+            n_out = n - logits_from
+            logits = np.ctypeslib.as_array(ptr, shape=(n_out * self.n_vocab,)).reshape(n_out, self.n_vocab).copy()
         return logits, self._captured, dict(self._act_names)
 
     def close(self) -> None:

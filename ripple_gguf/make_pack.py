@@ -117,7 +117,8 @@ def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarr
             predictors.append(p)
     with stages("operating points (perplexity per density)"):
         points = quality.operating_points(curves, ffn_bytes)
-        points, dense_ppl = quality.measure(points, gguf_path, ppl_chunk_sets, opts.n_ctx, predictors, orders)
+        points, dense_ppl = quality.measure(points, gguf_path, ppl_chunk_sets, opts.n_ctx, predictors, orders,
+                                            opts.max_ppl_increase)
         default = quality.choose(points, opts.max_ppl_increase)
     for p, t in zip(predictors, points[default].thresholds):
         p.threshold = float(t)

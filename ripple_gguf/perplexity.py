@@ -10,10 +10,11 @@ import numpy as np
 from .errors import RippleError
 
 
-def chunk_nll(logits, chunk: list[int], first: int) -> float:
-    """Summed negative log-likelihood of chunk[first+1:] given the logits of positions first..n-2."""
+def chunk_nll(logits, chunk: list[int], first: int, logits_start: int = 0) -> float:
+    """Summed negative log-likelihood of chunk[first+1:] given the logits of positions first..n-2
+    (row 0 of `logits` is position `logits_start`)."""
     n = len(chunk)
-    lg = np.asarray(logits[first:n - 1], dtype=np.float64)
+    lg = np.asarray(logits[first - logits_start:n - 1 - logits_start], dtype=np.float64)
     targets = np.asarray(chunk[first + 1:n])
     m = lg.max(axis=1, keepdims=True)
     lse = m[:, 0] + np.log(np.exp(lg - m).sum(axis=1))

@@ -31,6 +31,8 @@ PPL_TOKENS = 1024                                       # held-out calibration t
 # SmolLM2 the sparsest points within 2% cost 3x their estimate on held-out prose (Q4_K_M: +1.9% ->
 # +5.8%); the full budget would not hold.
 ESTIMATE_SHARE = 0.5
+# points are measured densest first up to the first costing more than max(4 x budget, 8%)
+MEASURE_CAP_BUDGETS, MEASURE_CAP_MIN = 4.0, 0.08
 
 
 @dataclass
@@ -182,9 +184,11 @@ def calibration_chunks(sequences: list[list[int]], n_ctx: int, bos: int, n_token
     return chunks
 
 
-def masked_perplexities(gguf_path, chunks: list[list[int]], rules: list, n_ctx: int) -> list[float]:
+def masked_perplexities(gguf_path, chunks: list[list[int]], rules: list, n_ctx: int,
+                        stop_above: float = math.inf) -> list[float]:
     """Perplexity of the stock model on `chunks` (scored on each chunk's second half) for each rule
-    (None: dense), in one loaded model."""
+    (None: dense), in one loaded model. With rules[0] dense, the rules after the first one whose
+    increase over it exceeds `stop_above` are not run (the list is shorter)."""
     from .llama_capture import LlamaRunner
     from .perplexity import chunk_nll, ppl_from_nll
     if not chunks:
@@ -197,11 +201,13 @@ def masked_perplexities(gguf_path, chunks: list[list[int]], rules: list, n_ctx: 
             runner.ffn_mask = rule
             nll, count = 0.0, 0
             for c in chunks:
-                logits, _, _ = runner.evaluate(c, want_logits=True)
-                first = len(c) // 2
-                nll += chunk_nll(logits, c, first)
+                first = len(c) // 2  # only the scored half needs logits (half the vocabulary matmul)
+                logits, _, _ = runner.evaluate(c, want_logits=True, logits_from=first)
+                nll += chunk_nll(logits, c, first, logits_start=first)
                 count += len(c) - 1 - first
             out.append(ppl_from_nll(nll, count))
+            if len(out) > 1 and not out[-1] <= out[0] * (1 + stop_above):
+                break
     return out
 
 
@@ -214,17 +220,26 @@ def neutral_chunks(gguf_path, bos: int, seed: int, n_tokens: int = PPL_TOKENS, s
     return [[bos] + s[:seq_len - 1] for s in seqs if len(s) >= 16]
 
 
+def measure_cap(budget: float) -> float:
+    """Points are measured densest first until one costs more than this: sparser ones would cost
+    more still, and no --quality a user would pick reaches them (on SmolLM2, whose predictor is far
+    from the oracle, this halves the stage: issue 9's convert time)."""
+    return max(MEASURE_CAP_BUDGETS * budget, MEASURE_CAP_MIN)
+
+
 def measure(points: list[OperatingPoint], gguf_path, chunk_sets: list, n_ctx: int, predictors,
-            orders) -> tuple[list[OperatingPoint], float]:
+            orders, budget: float = DEFAULT_BUDGET) -> tuple[list[OperatingPoint], float]:
     """Each point's ppl_increase (the largest over the chunk sets: one estimate per kind of text) and
-    the density it really selects (floor included) on the first set; points that come out no sparser
+    the density it really selects (floor included) on the first set, densest first, up to the first
+    point costing more than measure_cap(budget) on the first set; points that come out no sparser
     than a denser one are dropped. Returns (points, dense perplexity on the first set)."""
     counts = [[0, 0] for _ in points[1:]]
     incs, dense = [], None
     for k, chunks in enumerate(chunk_sets):
+        todo = points[1:] if k == 0 else points[1:1 + len(incs[0])]
         rules = [None] + [predictor_rule(predictors, orders, p.thresholds, p.floor, c if k == 0 else None)
-                          for p, c in zip(points[1:], counts)]
-        ppls = masked_perplexities(gguf_path, chunks, rules, n_ctx)
+                          for p, c in zip(todo, counts)]
+        ppls = masked_perplexities(gguf_path, chunks, rules, n_ctx, measure_cap(budget) if k == 0 else math.inf)
         if not math.isfinite(ppls[0]) or ppls[0] > 1e6:  # damaged weights that stay finite but say nothing
             raise RippleError(f"the model's perplexity on the calibration text is {ppls[0]:.3g}: its weights are "
                               "damaged; check the file (re-download or reconvert it)")
@@ -232,7 +247,7 @@ def measure(points: list[OperatingPoint], gguf_path, chunk_sets: list, n_ctx: in
         dense = ppls[0] if dense is None else dense
     points[0].ppl_increase = 0.0
     kept = [points[0]]
-    for i, (p, c) in enumerate(zip(points[1:], counts)):
+    for i, (p, c) in enumerate(zip(points[1:1 + len(incs[0])], counts)):
         p.ppl_increase = max(inc[i] for inc in incs)
         p.density = float(c[0] / max(c[1], 1))
         if p.density < kept[-1].density - 1e-3:

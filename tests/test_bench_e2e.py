@@ -52,7 +52,7 @@ def result(gguf):
 
 def test_every_run_decodes_or_says_why(result):
     assert [(r["mode"], r["fraction"]) for r in result["runs"]] == [
-        (m, f) for f in (1.0, 0.5) for m in ("stock", "ripple", "ripple-same-ram")]
+        (m, f) for f in (1.0, 0.5) for m in ("stock", "ripple", "ripple-same-ram", "ripple-default")]
     for r in result["runs"] + list(result["unconfined"].values()):
         if r["error"]:
             assert isinstance(r["error"], str) and r["error"].strip()
@@ -70,7 +70,10 @@ def test_limits_and_budgets(result):
     assert all(v > 4 * 2**20 for v in result["overheads"].values())
     for r in result["runs"]:
         assert r["budget_bytes"] == int(r["fraction"] * m["gguf_bytes"])
-        if r["mode"] != "stock":
+        if r["mode"] == "ripple-default":  # as a user runs it: the runtime sizes its cache from the limit
+            assert "cache_budget_bytes" not in r
+            assert r["error"] or r["path"] in ("stock", "pack")
+        elif r["mode"] != "stock":
             assert r["cache_budget_bytes"] >= m["min_cache_bytes"]
             room = r["budget_bytes"] + (result["overheads"]["stock"] - result["overheads"]["ripple"]
                                         if r["mode"] == "ripple-same-ram" else 0)
@@ -80,7 +83,8 @@ def test_limits_and_budgets(result):
     if result["cgroup"]["version"]:
         for f in (1.0, 0.5):
             # the weight budget plus each mode's own non-weight memory; "same RAM": stock's limit for ripple too
-            for run, own in (("stock", "stock"), ("ripple", "ripple"), ("ripple-same-ram", "stock")):
+            for run, own in (("stock", "stock"), ("ripple", "ripple"), ("ripple-same-ram", "stock"),
+                             ("ripple-default", "stock")):
                 assert by[(run, f)]["limit_bytes"] == by[(run, f)]["budget_bytes"] + result["overheads"][own]
             assert by[("stock", f)]["cgroup_peak_bytes"] <= by[("stock", f)]["limit_bytes"]
     else:

@@ -9,6 +9,9 @@ measured in an unconfined run first. Two limits per budget:
   same RAM  budget + stock's non-weight memory for ripple too ("ripple-same-ram"): one emulated
             device for both, so ripple's extra fixed overhead comes out of its neuron cache. On a
             model of a few tens of MiB that overhead is a large share of the budget.
+            "ripple-default" runs under the same limit with default settings, as a user would: no
+            cache size given (the runtime splits the cgroup's limit itself) and the pack's default
+            operating point, which may mean llama.cpp's stock path (the "path" column).
 Ripple's weights are the mmap'd non-FFN tensors, the predictors and the neuron cache (the rest).
 The sparse runtime reads the pack with O_DIRECT by default (no second copy of what it caches in the
 page cache, which the cgroup would charge). Reported per run:
@@ -29,7 +32,7 @@ from ..errors import RippleError
 SLACK = 4 * 2**20           # added to the measured non-weight memory: allocator and interpreter jitter
 MARK = "RIPPLE_E2E_RESULT "  # prefix of the worker's result line on stdout
 MODES = ("stock", "ripple")
-RUNS = ("stock", "ripple", "ripple-same-ram")
+RUNS = ("stock", "ripple", "ripple-same-ram", "ripple-default")
 
 
 # --- worker: one measurement in a child process ------------------------------------------------------
@@ -60,7 +63,8 @@ class _AnonPeak:
 
 
 def _load(a: dict, n_ctx: int, **kw):
-    """Stock `llama_cpp.Llama` with default settings, or `RippleLlama` with the given cache budget."""
+    """Stock `llama_cpp.Llama` with default settings, or `RippleLlama` with the given cache budget
+    (None: its defaults)."""
     import llama_cpp
     from ..runtime import RippleLlama
     kw.update(n_ctx=n_ctx, seed=0, verbose=False)
@@ -68,7 +72,7 @@ def _load(a: dict, n_ctx: int, **kw):
         kw.update(n_threads=a["threads"], n_threads_batch=a["threads"])
     if a["mode"] == "stock":
         return llama_cpp.Llama(a["gguf"], **kw)
-    return RippleLlama(a["gguf"], cache_size=a["cache_budget"], t0_us=a.get("t0_us"), bw_mbps=a.get("bw_mbps"),
+    return RippleLlama(a["gguf"], cache_size=a.get("cache_budget"), t0_us=a.get("t0_us"), bw_mbps=a.get("bw_mbps"),
                        direct_io=bool(a.get("direct_io")), **kw)
 
 
@@ -103,7 +107,8 @@ def _measure(a: dict, text: str) -> dict:
     n = len(ids) - 1
     out = {"load_s": round(load_s, 4), "ttft_s": round(ttft, 5), "prompt_tokens": len(prompt), "decode_tokens": n,
            "decode_s": round(decode_s, 5), "decode_tok_s": round(n / decode_s, 3) if n and decode_s > 0 else None,
-           "timed_out": timed_out, "tokens": ids, "peak_rss_bytes": peak_rss(), "peak_anon_bytes": anon.stop()}
+           "timed_out": timed_out, "tokens": ids, "peak_rss_bytes": peak_rss(), "peak_anon_bytes": anon.stop(),
+           "path": "stock" if not getattr(llm, "ripple_active", False) else "pack"}
     if s1.get("mode") == "sparse":
         out["decode_stats"] = phase(s1, s0, n, decode_s)
         out.update({k: s1[k] for k in ("cache_bytes", "overhead_bytes", "t0_us", "bw_mbps")})
@@ -265,7 +270,9 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_t
                 bar.set_description(f"{run} {frac:.0%}")
                 args = {**base, "mode": "stock" if run == "stock" else "ripple"}
                 extra = {}
-                if run != "stock":
+                if run == "ripple-default":
+                    args.update(pack=info["pack"], cache_budget=None)
+                elif run != "stock":
                     cache, floored = cache_budget(budget + own - overheads["ripple"], info)
                     args.update(pack=info["pack"], cache_budget=cache)
                     extra = {"cache_budget_bytes": cache, "cache_floor_applied": floored}
@@ -281,6 +288,7 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_t
         return round(a / b, 3) if a and b else None
     speedup = {str(f): ratio("ripple", f) for f in fractions}
     speedup_same_ram = {str(f): ratio("ripple-same-ram", f) for f in fractions}
+    speedup_default = {str(f): ratio("ripple-default", f) for f in fractions}
     ppl = {m: r.get("perplexity") or ({"error": r["error"]} if r["error"] else None)
            for m, r in (("stock", ref_stock), ("ripple", ref_ripple))}
     for r in (ref_stock, ref_ripple):
@@ -293,7 +301,8 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_t
             "unconfined": {"stock": {"mode": "stock", "fraction": None, **ref_stock},
                            "ripple": {"mode": "ripple", "fraction": None, "cache_budget_bytes": info["min_cache_bytes"],
                                       **ref_ripple}},
-            "runs": runs, "perplexity": ppl, "speedup": speedup, "speedup_same_ram": speedup_same_ram}
+            "runs": runs, "perplexity": ppl, "speedup": speedup, "speedup_same_ram": speedup_same_ram,
+            "speedup_default": speedup_default}
 
 
 HEAD = ("budget", "limit MiB", "cache MiB", "TTFT ms", "tok/s", "peak MiB", "ppl", "vs stock")
@@ -319,9 +328,10 @@ def format_e2e(res: dict) -> str:
         f, tok_s, ttft = r["fraction"], r.get("decode_tok_s"), r.get("ttft_s")
         p = ppl.get("stock" if r["mode"] == "stock" else "ripple")
         ratio = None if f is None or r["mode"] == "stock" else \
-            (res["speedup"] if r["mode"] == "ripple" else res["speedup_same_ram"]).get(str(f))
+            res[{"ripple": "speedup", "ripple-same-ram": "speedup_same_ram"}.get(r["mode"], "speedup_default")].get(str(f))
         note = r.get("error") or ("timed out" if r.get("timed_out") else "") or \
-            ("cache at its floor" if r.get("cache_floor_applied") else "")
+            ("cache at its floor" if r.get("cache_floor_applied") else "") or \
+            ("default settings: llama.cpp's stock path" if r["mode"] == "ripple-default" and r.get("path") == "stock" else "")
         cells = ["none" if f is None else f"{f:.0%}", _mib(r.get("limit_bytes")), _mib(r.get("cache_budget_bytes")),
                  "-" if ttft is None else f"{1000 * ttft:.1f}", "-" if not tok_s else f"{tok_s:.1f}",
                  _mib(r.get("cgroup_peak_bytes") or r.get("peak_rss_bytes")), "-" if p is None else f"{p:.3f}",

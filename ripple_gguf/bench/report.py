@@ -83,7 +83,8 @@ def plot_e2e(e2e: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     labels = {"stock": ("tab:red", "-o", "stock llama.cpp (mmap)"),
               "ripple": ("tab:blue", "-o", "ripple sparse runtime (weights budget)"),
-              "ripple-same-ram": ("tab:blue", "--s", "ripple, same total RAM as stock")}
+              "ripple-same-ram": ("tab:blue", "--s", "ripple, same total RAM as stock"),
+              "ripple-default": ("tab:green", ":^", "ripple-gguf run defaults, same total RAM")}
     for mode, (color, style, label) in labels.items():
         runs = sorted((r for r in e2e["runs"] if r["mode"] == mode and r.get("decode_tok_s")), key=lambda r: r["fraction"])
         ax.plot([100 * r["fraction"] for r in runs], [r.get("decode_tok_s") or 0 for r in runs], style,
@@ -207,12 +208,15 @@ def _e2e_table(e2e: dict) -> list[str]:
     ppl = e2e.get("perplexity", {})
     lines = ["| memory budget | mode | cgroup limit MiB | neuron cache MiB | TTFT s | decode tok/s | ripple / stock | peak cgroup MiB | peak RSS MiB | perplexity |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(e2e["runs"], key=lambda r: (-r["fraction"], ["stock", "ripple", "ripple-same-ram"].index(r["mode"]))):
+    modes = ["stock", "ripple", "ripple-same-ram", "ripple-default"]
+    for r in sorted(e2e["runs"], key=lambda r: (-r["fraction"], modes.index(r["mode"]))):
         lim = f"{r['limit_bytes'] / 2**20:.1f}" if r.get("limit_bytes") else "unlimited"
-        ratio = None if r["mode"] == "stock" else \
-            e2e.get("speedup" if r["mode"] == "ripple" else "speedup_same_ram", {}).get(f"{r['fraction']}")
+        key = {"ripple": "speedup", "ripple-same-ram": "speedup_same_ram"}.get(r["mode"], "speedup_default")
+        ratio = None if r["mode"] == "stock" else e2e.get(key, {}).get(f"{r['fraction']}")
         p = (ppl.get("stock" if r["mode"] == "stock" else "ripple") or {}).get("ppl")
         err = f" ({r['error']})" if r.get("error") else (" (timed out)" if r.get("timed_out") else "")
+        if not err and r["mode"] == "ripple-default" and r.get("path") == "stock":
+            err = " (ran llama.cpp's stock path: dense default operating point)"
         cache = f"{r['cache_budget_bytes'] / 2**20:.1f}" if r.get("cache_budget_bytes") else ""
         lines.append(f"| {100 * r['fraction']:.0f}% | {r['mode']}{err} | {lim} | {cache} | {r.get('ttft_s') or 0:.3f} | "
                      f"{r.get('decode_tok_s') or 0:.1f} | {f'{ratio:.2f}x' if ratio else ''} | "
