@@ -165,7 +165,7 @@ def check_checkpoint(model_dir: Path) -> str:
 
 def hf_to_gguf(model_dir: Path, out: Path, outtype: str) -> None:
     """Convert with llama.cpp's converter. outtype: 'f32', 'f16' or 'bf16' (quantization happens
-    later, after the neurons are permuted)."""
+    later, by llama.cpp's quantizer, after the index is added)."""
     sys.path.insert(0, str(converter_dir()))
     import gguf
     import torch

@@ -73,11 +73,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--out", type=Path, default=None, help="cache directory (default: %(default)s)")
+    ap.add_argument("names", nargs="*", help=f"models to train (when not cached) and print (default: all of "
+                                             f"{', '.join(MODELS)})")
     args = ap.parse_args()
+    names = args.names or list(MODELS)
+    if set(names) - set(MODELS):
+        ap.error(f"unknown model {sorted(set(names) - set(MODELS))[0]!r}; choose from {', '.join(MODELS)}")
     root = args.out or default_dir()
     root.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    todo = [n for n in MODELS if not ((root / n / "STAMP").is_file()
+    todo = [n for n in names if not ((root / n / "STAMP").is_file()
                                        and (root / n / "STAMP").read_text().strip() == stamp(n, args.steps))]
     if todo:
         sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
@@ -93,7 +98,7 @@ def main():
         (out / "STAMP").write_text(stamp(name, args.steps) + "\n")
         print(f"{name}: heldout loss {info['heldout_loss']:.3f}, {info['wall_s'] / 60:.1f} min, "
               f"zero {np.mean([x['zero'] for x in info['sparsity']]):.3f}", file=sys.stderr)
-    for name in MODELS:
+    for name in names:
         print(root / name)
 
 
