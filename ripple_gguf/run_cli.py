@@ -206,7 +206,7 @@ def cmd_eval(args) -> dict:
               "eval": phase(s_end, s0, n_eval, seconds), "memory": _memory(args, llm, prep, rss_before),
               "ripple": s_end}
     if args.curve and llm.ripple_active:
-        result["curve"] = density_curve(args, llm, tokens[:n_eval], n_ctx, bos)
+        result["curve"] = _curve(args, llm, tokens[:n_eval], n_ctx, bos)
     if not args.json:
         print(file=sys.stderr)
         e = result["eval"]
@@ -217,7 +217,8 @@ def cmd_eval(args) -> dict:
         print(f"perplexity {ppl:.4f} over {scored} tokens ({result['mode']}; {e['tokens_per_s'] or 0:.0f} tokens/s{extra})")
         print_mode_note(args, llm, sys.stdout)
         if "curve" in result:
-            print_curve(result["curve"])
+            from .curve import format_curve
+            print("\n".join(format_curve(result["curve"])))
     llm.close()
     return result
 
@@ -235,48 +236,13 @@ def point_line(pt: dict) -> str:
             f"on calibration text{' (the pack default)' if pt['default'] else ''}")
 
 
-def density_curve(args, llm, tokens: list[int], n_ctx: int, bos) -> list[dict]:
-    """Per stored operating point, on the same text: the runtime's perplexity and predicted density,
-    and llama.cpp's with the oracle (top-d by |h| per token) and the gate-only rule at that density."""
-    from . import quality
-    pk = llm.ripple_pack
-    rows = []
-    for i in range(len(pk.op_density)):
-        llm.ripple_set_point(i)
-        s0 = llm.ripple_stats()
-        ppl, _ = perplexity(llm, tokens, n_ctx, bos)
-        s1 = llm.ripple_stats()
-        act = s1["active_neurons"] - s0["active_neurons"]
-        tot = s1["total_neurons"] - s0["total_neurons"]
-        rows.append({"point": i, "density": act / tot if tot else 0.0, "predictor": ppl})
-        if not args.json:
-            print(f"\r[curve {i + 1}/{len(pk.op_density)}] predictor", end="", file=sys.stderr, flush=True)
-    llm.ripple_set_point(pk.op_default if args.quality is None else llm.ripple_point["index"])
-    chunks = [[bos if bos is not None else tokens[c]] + list(tokens[c + 1:c + n_ctx]) for c in range(0, len(tokens), n_ctx)]
-    gated = pk.has_gate
-    rules = [None]
-    for r in rows[1:]:
-        rules += [quality.oracle_rule(r["density"])] + ([quality.gate_rule(r["density"])] if gated else [])
-    if not args.json:
-        print("\r[curve] oracle and gate-only rules on the stock model", end="", file=sys.stderr, flush=True)
-    ppls = quality.masked_perplexities(args.gguf, chunks, rules, n_ctx)
-    dense = ppls[0]
-    rows[0].update(oracle=dense, gate_only=dense if gated else None, stock=dense)
-    step = 2 if gated else 1
-    for k, r in enumerate(rows[1:]):
-        r.update(oracle=ppls[1 + step * k], gate_only=ppls[2 + step * k] if gated else None, stock=dense)
+def _curve(args, llm, tokens: list[int], n_ctx: int, bos) -> list[dict]:
+    from .curve import density_curve
+    status = None if args.json else (lambda msg: print(f"\r{msg}", end="", file=sys.stderr, flush=True))
+    rows = density_curve(args.gguf, llm, tokens, n_ctx, bos, status)
     if not args.json:
         print(file=sys.stderr)
     return rows
-
-
-def print_curve(rows: list[dict]) -> None:
-    dense = rows[0]["stock"]
-    pct = lambda v: "-" if v is None else f"{v:.4f} ({100 * (v / dense - 1):+.1f}%)"
-    print(f"density vs perplexity (stock dense {dense:.4f}):")
-    print(f"  {'point':>5} {'density':>8}  {'predictor (runtime)':>22}  {'oracle top-d |h|':>22}  {'gate-only top-d':>22}")
-    for r in rows:
-        print(f"  {r['point']:>5} {r['density']:>8.3f}  {pct(r['predictor']):>22}  {pct(r['oracle']):>22}  {pct(r['gate_only']):>22}")
 
 
 def cmd_chat(args) -> dict:

@@ -88,12 +88,18 @@ def test_bench_report_writes_the_document(converted, tmp_path):
     path = converted("tiny-arcee-relu2", "f16")
     out = tmp_path / "docs" / "BENCHMARKS.md"
     run_cli("bench", "report", path, "--text", HELDOUT, "--out", out, "--no-e2e", "--tokens", "128",
-            "--time-tokens", "4", check=True)
+            "--time-tokens", "4", "--curve-chunks", "1", check=True)
     text = out.read_text()
     assert "## Targets" in text and "Device probe" in text and "tiny-arcee-relu2" in text
-    assert (out.parent / "bench" / f"{path.stem}-io.png").stat().st_size > 1000
+    assert "Density vs perplexity" in text
+    for plot in ("io", "curve"):
+        assert (out.parent / "bench" / f"{path.stem}-{plot}.png").stat().st_size > 1000
     raw = json.loads((out.parent / "benchmarks.json").read_text())
     assert raw["models"][0]["io"]["headline"]["0"]["reads_ratio"] > 1
+    # the curve: one row per stored operating point, densest first, the dense one exactly stock
+    rows = raw["models"][0]["curve"]["rows"]
+    assert len(rows) >= 2 and rows[0]["density"] == 1.0 and rows[0]["oracle"] == rows[0]["stock"]
+    assert all(a["density"] > b["density"] for a, b in zip(rows, rows[1:]))
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
 
 

@@ -97,7 +97,7 @@ def cmd_report(args) -> dict:
         else "ripple-gguf bench report"
     result = write_report(args.gguf, args.text, Path(args.out), command=command, io_tokens=args.tokens,
                           time_tokens=args.time_tokens, e2e_kw=e2e_kw, skip_e2e=args.no_e2e,
-                          io_threads=args.io_threads, progress=not args.json)
+                          io_threads=args.io_threads, progress=not args.json, curve_chunks=args.curve_chunks)
     if not args.json:
         print(f"wrote {args.out}")
     return result
@@ -151,6 +151,8 @@ def register(sub) -> None:
     r.add_argument("--text", required=True, metavar="FILE")
     r.add_argument("--out", default="docs/BENCHMARKS.md")
     r.add_argument("--no-e2e", action="store_true", help="skip the end-to-end runs")
+    r.add_argument("--curve-chunks", type=int, default=4,
+                   help="512-token chunks of --text for the density vs perplexity curve (default 4; 0: skip)")
     io_args(r)
     e2e_args(r)
     r.add_argument("--json", action="store_true")

@@ -102,6 +102,40 @@ def plot_e2e(e2e: dict, path: Path, title: str) -> None:
 
 # ----------------------------------------------------------------------------- verdicts
 
+def plot_curve(curve: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = curve["rows"]
+    dense = rows[0]["stock"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for key, (color, style, label) in {"predictor": ("tab:blue", "-o", "predictor (the runtime)"),
+                                       "oracle": ("tab:green", "--s", "oracle: top-d by |h| per token"),
+                                       "gate_only": ("tab:red", ":^", "gate-only: top-d by |silu(gate)|")}.items():
+        pts = [(r["density"], 100 * (r[key] / dense - 1)) for r in rows if r.get(key)]
+        if pts:
+            ax.plot(*zip(*pts), style, color=color, label=label)
+    ax.set_xlabel("FFN density (share of neurons computed)")
+    ax.set_ylabel("perplexity increase over dense (%)")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.invert_xaxis()
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _curve_table(curve: dict) -> list[str]:
+    rows = curve["rows"]
+    dense = rows[0]["stock"]
+    cell = lambda v: "-" if v is None else f"{v:.3f} ({100 * (v / dense - 1):+.1f}%)"
+    return ["| point | density | predictor (runtime) | oracle top-d \\|h\\| | gate-only top-d |", "|---|---|---|---|---|",
+            *[f"| {r['point']} | {r['density']:.3f} | {cell(r['predictor'])} | {cell(r['oracle'])} | {cell(r['gate_only'])} |"
+              for r in rows]]
+
+
 def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**missed**")
 
@@ -271,6 +305,14 @@ def render(result: dict, doc_dir: Path) -> str:
                      f"(UFS 4.0 estimate {h['ufs40_time_ratio']:.2f}x); placement alone (no merging) "
                      f"{h['placement_reads_ratio']:.2f}x fewer reads; both merged {h['merged_time_ratio']:.2f}x less time.")
         L.append("")
+        if m.get("curve"):
+            c = m["curve"]
+            L += ["### Density vs perplexity (`ripple-gguf eval --curve`)", "",
+                  f"On {c['tokens']} held-out tokens in chunks of {c['ctx']}, each scored on its second half: the "
+                  "runtime's predictor at every operating point the pack stores, and llama.cpp with the oracle "
+                  "(per token the top-d neurons by |h|: the best any predictor could do) and the gate-only rule "
+                  "at the same densities.", "",
+                  f"![density vs perplexity]({m['plot_curve']})", "", *_curve_table(c), ""]
         if e2e:
             s = e2e["settings"]
             L += ["### End to end in a memory cgroup (`ripple-gguf bench e2e`)", "",
@@ -294,7 +336,7 @@ def render(result: dict, doc_dir: Path) -> str:
 
 def write_report(ggufs: list[str], text: str, out: Path, *, command: str, io_tokens: int = 1024,
                  time_tokens: int = 64, e2e_kw: dict | None = None, skip_e2e: bool = False,
-                 io_threads: int = 4, progress: bool = True) -> dict:
+                 io_threads: int = 4, progress: bool = True, curve_chunks: int = 4) -> dict:
     from .. import iocost
     from .io_replay import run_io
     if not ggufs:
@@ -316,6 +358,13 @@ def write_report(ggufs: list[str], text: str, out: Path, *, command: str, io_tok
                     probe_result=probe, progress=progress)
         m = {"name": name, "family": family(io), "io": io, "plot_io": f"bench/{name}-io.png"}
         plot_io(io, out.parent / m["plot_io"], f"{name}: cold FFN I/O per token")
+        if curve_chunks:
+            from ..curve import curve_on_text
+            print(f"bench curve: {name}", file=sys.stderr)
+            with open(text, encoding="utf-8", errors="replace") as f:
+                m["curve"] = curve_on_text(g, f.read(), chunks=curve_chunks)
+            m["plot_curve"] = f"bench/{name}-curve.png"
+            plot_curve(m["curve"], out.parent / m["plot_curve"], f"{name}: density vs perplexity")
         if not skip_e2e:
             from .e2e import run_e2e
             print(f"bench e2e: {name}", file=sys.stderr)
