@@ -179,6 +179,11 @@ def _point_info(pk: Pack, index: int) -> dict:
             "ppl_increase": float(pk.op_ppl_increase[index]), "default": index == pk.op_default}
 
 
+# Operating points at least this dense run llama.cpp's stock path unless a budget is given: the pack
+# would read and compute nearly the whole FFN, slower than stock (see RippleLlama._stock_is_the_same)
+STOCK_PATH_DENSITY = 0.9
+
+
 class RippleLlama(llama_cpp.Llama):
     """A `llama_cpp.Llama` whose FFNs run sparsely from `OUT.ripple` (found next to the GGUF).
 
@@ -189,8 +194,8 @@ class RippleLlama(llama_cpp.Llama):
     RippleLlama("m.gguf", pack=verified_pack("m.gguf"))  # reuse a pack verified earlier
     RippleLlama("m.gguf", quality="1%")                 # the sparsest stored operating point within +1%
                                                         # perplexity on calibration text (default: the pack's)
-    At a dense operating point with no budget given, the stock path runs (see
-    ripple_stats()["reason"]); stock_when_dense=False keeps the pack attached.
+    At an operating point of density >= STOCK_PATH_DENSITY with no budget given, the stock path runs
+    (see ripple_stats()["reason"]); stock_when_dense=False keeps the pack attached.
     Everything else (n_ctx, n_threads, chat_format, verbose, ...) goes to `llama_cpp.Llama`.
     """
 
@@ -268,22 +273,24 @@ class RippleLlama(llama_cpp.Llama):
         self.ripple_set_point(point)
 
     def _stock_is_the_same(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs) -> bool:
-        """At a dense operating point (every neuron computed) with no budget given, the pack path
-        reads the same FFN bytes per token as llama.cpp's stock path and computes them slower: warm,
-        SmolLM2 decode 0.8x stock; in a memory cgroup (bench e2e, cache sized to the budget) 0.59x at
-        50% of the model and 0.57x at 25%. So llama.cpp's stock path runs (its mmap'd weights are page
-        cache the kernel reclaims under pressure: slower when the model does not fit, never an OOM
-        kill) and says why. Loads it and returns True when that is the case."""
+        """At a (nearly) dense operating point with no budget given, the pack path reads about the
+        same FFN bytes per token as llama.cpp's stock path and computes them slower: SmolLM2 warm
+        decode 0.8x stock with every neuron, ~0.9x at density 0.67; in a memory cgroup (bench e2e,
+        same RAM) 0.54x at 50% of the model and 0.69x at 25%. So llama.cpp's stock path runs (its
+        mmap'd weights are page cache the kernel reclaims under pressure: slower when the model does
+        not fit, never an OOM kill) and says why. Loads it and returns True when that is the case."""
         from .memory_budget import MIB, whole_model_fits
         split = self.ripple_budget_split  # None when --cache-size/--cache-ratio was given
-        if opts.all_active or opts.memory_budget is not None or split is None or float(pack.op_density[point]) < 1.0:
+        density = float(pack.op_density[point])
+        if opts.all_active or opts.memory_budget is not None or split is None or density < STOCK_PATH_DENSITY:
             return False
         where = f"{split['available'] / MIB:.0f} MiB available ({split['available_from']})" \
             if split.get("available") is not None else "unknown available memory"
         fits = (f"the whole model fits in {where}" if whole_model_fits(split) else
-                f"the model does not fit in {where} (the pack would read the same FFN bytes per token, slower)")
-        self.ripple_dense_reason = (f"operating point {point} computes every neuron and {fits}: llama.cpp's stock "
-                                    "path (pass --memory-budget or --quality to use the pack)")
+                f"the model does not fit in {where} (the pack would read nearly the same FFN bytes per token, slower)")
+        what = "computes every neuron" if density >= 1.0 else f"computes {100 * density:.0f}% of the neurons"
+        self.ripple_dense_reason = (f"operating point {point} {what} and {fits}: llama.cpp's stock "
+                                    "path (pass --memory-budget or a sparser --quality to use the pack)")
         super().__init__(model_path, **kwargs)
         self.ripple_point = {**_point_info(pack, point), "path": "stock"}
         return True
