@@ -44,6 +44,9 @@ PPL_TOL = 0.05
 # the runtime's predictor weights and tables (reported as overhead_bytes), malloc arenas
 STATED_OVERHEAD = 24 * 2**20
 KW = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
+# the sparse runtime itself: a given cache size keeps the pack even at an operating point dense enough
+# that default settings run llama.cpp's stock path (RippleLlama._stock_is_the_same)
+PACK = dict(cache_ratio=1.0)
 
 
 @pytest.fixture(scope="session")
@@ -131,7 +134,7 @@ def test_direct_io_and_a_one_layer_cache_compute_the_same(packed):
 
 def test_without_registration_the_same_file_loads_stock(packed):
     path = packed("tiny-llama-swiglu", "f32")
-    sparse = RippleLlama(path, **KW)
+    sparse = RippleLlama(path, **PACK, **KW)
     plain = RippleLlama(path, dense=True, **KW)  # same file, no registration: stock path
     lib = ripple_lib()
     assert lib.llama_ripple_is_attached(sparse.model) and not lib.llama_ripple_is_attached(plain.model)
@@ -432,7 +435,7 @@ def test_pack_truncated_mid_run_stops_generation_with_an_error(packed, tmp_path)
 
 
 def test_detached_pack_fails_later_decodes(packed):
-    llm = RippleLlama(packed("tiny-llama-swiglu", "f32"), **KW)
+    llm = RippleLlama(packed("tiny-llama-swiglu", "f32"), **PACK, **KW)
     llm.create_completion("def ", max_tokens=4, temperature=0.0)
     assert ripple_lib().llama_ripple_detach(llm.model) == 0
     with pytest.raises(RippleError, match="detached"):
@@ -467,7 +470,7 @@ def test_run_cli_json(packed):
 
 def test_chat_cli_streams_replies(packed):
     path = packed("tiny-llama-swiglu", "f32")
-    proc = subprocess.run([sys.executable, "-m", "ripple_gguf.cli", "chat", str(path), "-n", "8"],
+    proc = subprocess.run([sys.executable, "-m", "ripple_gguf.cli", "chat", str(path), "-n", "8", "--cache-ratio", "1"],
                           input="def add(a, b):\n/stats\n/exit\n", capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert '"tokens"' in proc.stderr  # /stats
@@ -483,7 +486,7 @@ def test_serve_is_openai_compatible_on_loopback(packed):
     pytest.importorskip("fastapi")
     path = packed("tiny-llama-swiglu", "f32")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ripple_gguf.cli", "serve", str(path), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "ripple_gguf.cli", "serve", str(path), "--port", str(port), "--cache-ratio", "1",
                              "--ctx", "256"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

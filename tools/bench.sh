@@ -10,7 +10,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 "$ROOT/tools/setup.sh"
 cd "$ROOT"
 mapfile -t SMOL < <(.venv/bin/python tools/fetch_smollm2.py --variants)  # Q4_1, Q4_K_M, Q8_0
-mapfile -t RELU < <(.venv/bin/python tools/train_bench_models.py bench-arcee-relu2)
+# training (first run only) logs to stdout too: the model's directory is the last line
+RELU=$(.venv/bin/python tools/train_bench_models.py bench-arcee-relu2 | tail -n 1)
 mkdir -p build/bench
 # what a conversion depends on (a change here reconverts; runtime and bench code do not)
 CONVERTER="convert hf_convert calib profile placement llama_capture gguf_io gguf_header index_keys make_pack predictor pack quality"
@@ -29,7 +30,7 @@ for src in "${SMOL[0]}" "${SMOL[1]}"; do
   convert_cached "$src" "$out" "$src"
   GGUFS+=("$out")
 done
-out=build/bench/$(basename "${RELU[0]}").gguf
-convert_cached "${RELU[0]}" "$out" "${RELU[0]}/STAMP" --outtype f16 --calib models/text/calib.txt
+out=build/bench/$(basename "$RELU").gguf
+convert_cached "$RELU" "$out" "$RELU/STAMP" --outtype f16 --calib models/text/calib.txt
 GGUFS+=("$out")
 .venv/bin/ripple-gguf bench report "${GGUFS[@]}" --text models/text/heldout.txt --out docs/BENCHMARKS.md "$@"
