@@ -218,7 +218,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, log=print, file: st
                 chunk_sets = [calibration_chunks(tail, opts.n_ctx, bos)]
                 if text is not None:  # and text of the model's own: the user's text alone came out optimistic
                     chunk_sets.append(neutral_chunks(final, bos, opts.seed + 1))
-                pack_summary = pack_from_recording(final, rec.xs, rec.hs, rec.n_kept, orders, act.thresholds,
+                pack_summary = pack_from_recording(final, rec.xs, rec.hs, rec.n_kept,
                                                    pack_opts, part, stages, chunk_sets)
         rec = None  # drop the memory maps before the directory goes
         os.replace(final, out)

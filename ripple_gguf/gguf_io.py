@@ -281,22 +281,18 @@ def write_converted(header: GGUFHeader, dst: Path, ripple_kv: dict, downs: list[
     try:
         _copy_kv(header, writer)
         add_ripple_kv(writer, ripple_kv)
-        plan = []
+        plan = []  # (tensor, its replacement from `downs` or None)
         for t in header.tensors:
             m = _FFN_RE.match(t.name)
-            qtype, n_bytes = QT(t.tensor_type), int(t.n_bytes)
-            if downs and m and m.group(2) == "ffn_down" and m.group(3) == "weight":
-                d = downs[int(m.group(1))]
-                qtype, n_bytes = d.out_type, d.data.nbytes
+            d = downs[int(m.group(1))] if downs and m and m.group(2) == "ffn_down" and m.group(3) == "weight" else None
+            qtype, n_bytes = (d.out_type, d.data.nbytes) if d is not None else (QT(t.tensor_type), int(t.n_bytes))
             writer.add_tensor_info(t.name, _byte_shape(t.shape, qtype), np.dtype(np.uint8), n_bytes, qtype)
-            plan.append((t, m))
+            plan.append((t, d))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t, m in plan:
-            data = tensor_bytes(header, t)
-            if downs and m and m.group(2) == "ffn_down" and m.group(3) == "weight":
-                data = downs[int(m.group(1))].data
+        for t, d in plan:
+            data = d.data if d is not None else tensor_bytes(header, t)
             writer.write_tensor_data(np.asarray(data).reshape(-1).view(np.uint8))
             if progress:
                 progress(int(t.n_bytes))

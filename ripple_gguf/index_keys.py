@@ -16,6 +16,19 @@ FORMAT_VERSION = 2
 EVAL_METHODS = ("stored", "identity", "frequency")
 
 
+def in_pack_order(order: np.ndarray, per_neuron: np.ndarray) -> np.ndarray:
+    """(tokens, n_ff) values in the GGUF's neuron order (what llama.cpp computes) -> pack order
+    (position p holds GGUF neuron order[p])."""
+    return np.asarray(per_neuron)[..., order]
+
+
+def in_gguf_order(order: np.ndarray, per_position: np.ndarray) -> np.ndarray:
+    """The inverse: (tokens, n_ff) values per pack position -> the GGUF's neuron order."""
+    out = np.empty_like(per_position)
+    out[..., order] = per_position
+    return out
+
+
 def blk(il: int, name: str) -> str:
     return f"ripple.blk.{il}.{name}"
 
@@ -38,14 +51,7 @@ class RippleIndex:
     down_rel_rms: np.ndarray | None = None      # (n_layer,) error --down-type added to ffn_down (0: as stored)
 
     def in_pack_order(self, il: int, per_neuron: np.ndarray) -> np.ndarray:
-        """(tokens, n_ff) values in the GGUF's neuron order (what llama.cpp computes) -> pack order."""
-        return np.asarray(per_neuron)[..., self.orders[il]]
-
-    def to_gguf_order(self, il: int, per_position: np.ndarray) -> np.ndarray:
-        """The inverse: (tokens, n_ff) values per pack position -> the GGUF's neuron order."""
-        out = np.empty_like(per_position)
-        out[..., self.orders[il]] = per_position
-        return out
+        return in_pack_order(self.orders[il], per_neuron)
 
     def to_kv(self) -> dict:
         items = {

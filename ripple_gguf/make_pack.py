@@ -71,7 +71,7 @@ def build_pack(gguf_path: str | Path, opts: PackOptions, tokens: list[int] | Non
         chunk_sets = [quality.calibration_chunks([tokens[n_eval:]], opts.n_ctx, bos)]
         if opts.calib:
             chunk_sets.append(quality.neutral_chunks(gguf_path, bos, opts.seed + 1))
-        return pack_from_recording(gguf_path, xs, hs, n, index.orders, index.thresholds, opts, out, stages, chunk_sets)
+        return pack_from_recording(gguf_path, xs, hs, n, opts, out, stages, chunk_sets)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -87,16 +87,17 @@ def down_col_sq(header, il: int, n_ff: int) -> np.ndarray:
 
 
 def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarray], n: int,
-                        orders: list[np.ndarray], thresholds: np.ndarray, opts: PackOptions,
-                        out: Path, stages, ppl_chunk_sets: list) -> dict:
+                        opts: PackOptions, out: Path, stages, ppl_chunk_sets: list) -> dict:
     """Train and evaluate the per-layer predictors on recorded FFN inputs `xs` and intermediates
-    `hs` (first `n` tokens; columns in the GGUF's neuron order, put into pack order by `orders`, the
-    GGUF index's), derive the operating points (quality.py; perplexity measured on each set of token
+    `hs` (first `n` tokens; columns in the GGUF's neuron order, put into pack order by the GGUF index's
+    orders, against its activity thresholds), derive the operating points (quality.py; perplexity measured on each set of token
     chunks in `ppl_chunk_sets`, text the predictors did not train on, the worst kept) and write the
     pack for `gguf_path` to `out`."""
     _check(opts)
     header = open_header(gguf_path)
     layout = read_ffn_layout(header)
+    index = read_index(header, layout.n_ff)
+    orders, thresholds = index.orders, index.thresholds
     ffn_bytes = ffn_weight_bytes(header, layout.n_layer)
     n = min(n, opts.calib_tokens)
     n_train, n_tune = int(n * 0.8), int(n * 0.9)
@@ -108,12 +109,12 @@ def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarr
     curves = []
     with stages("predictors"):
         for il in tqdm(range(layout.n_layer), desc="training predictors", unit="layer", leave=False):
-            x, h, thr = np.asarray(xs[il][:n]), np.asarray(hs[il][:n])[:, orders[il]], float(thresholds[il])
+            x, h, thr = np.asarray(xs[il][:n]), index.in_pack_order(il, hs[il][:n]), float(thresholds[il])
             rank = opts.rank or choose_rank(layout.n_embd, layout.n_ff[il], ffn_bytes[il])
             p = train_layer(x[:n_train], h[:n_train], thr, rank, seed=opts.seed + il,
                             **({"steps": opts.steps} if opts.steps else {}))
             curves.append(quality.layer_curve(p.scores(x[n_train:n_tune]), h[n_train:n_tune],
-                                              down_col_sq(header, il, layout.n_ff[il])[orders[il]]))
+                                              index.in_pack_order(il, down_col_sq(header, il, layout.n_ff[il]))))
             predictors.append(p)
     with stages("operating points (perplexity per density)"):
         points = quality.operating_points(curves, ffn_bytes)
@@ -123,7 +124,7 @@ def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarr
     for p, t in zip(predictors, points[default].thresholds):
         p.threshold = float(t)
     for il, p in enumerate(predictors):
-        x, h = np.asarray(xs[il][n_tune:n]), np.asarray(hs[il][n_tune:n])[:, orders[il]]
+        x, h = np.asarray(xs[il][n_tune:n]), index.in_pack_order(il, hs[il][n_tune:n])
         for k, v in evaluate(p, x, h, float(thresholds[il])).items():
             stats[k].append(v)
     meta = {"act_threshold": thresholds,

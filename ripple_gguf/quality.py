@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import RippleError
+from .index_keys import in_gguf_order
 
 GRID = np.round(np.arange(0.05, 1.0001, 0.025), 3)      # candidate per-layer densities
 TARGETS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)        # mean densities of the stored points
@@ -143,9 +144,7 @@ def predictor_rule(predictors, orders, thresholds, floor: float = 0.0, counts: l
         if counts is not None:
             counts[0] += m.sum()
             counts[1] += m.size
-        out = np.empty_like(m)
-        out[:, orders[il]] = m
-        return out
+        return in_gguf_order(orders[il], m)
     return rule
 
 

@@ -33,6 +33,8 @@ SLACK = 4 * 2**20           # added to the measured non-weight memory: allocator
 MARK = "RIPPLE_E2E_RESULT "  # prefix of the worker's result line on stdout
 MODES = ("stock", "ripple")
 RUNS = ("stock", "ripple", "ripple-same-ram", "ripple-default")
+# where each ripple run's decode speed over stock's at the same budget is kept in the result
+SPEEDUP_KEY = {"ripple": "speedup", "ripple-same-ram": "speedup_same_ram", "ripple-default": "speedup_default"}
 
 
 # --- worker: one measurement in a child process ------------------------------------------------------
@@ -286,9 +288,7 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_t
     def ratio(run, f):
         a, b = tok_s.get((run, f)), tok_s.get(("stock", f))
         return round(a / b, 3) if a and b else None
-    speedup = {str(f): ratio("ripple", f) for f in fractions}
-    speedup_same_ram = {str(f): ratio("ripple-same-ram", f) for f in fractions}
-    speedup_default = {str(f): ratio("ripple-default", f) for f in fractions}
+    speedups = {key: {str(f): ratio(run, f) for f in fractions} for run, key in SPEEDUP_KEY.items()}
     ppl = {m: r.get("perplexity") or ({"error": r["error"]} if r["error"] else None)
            for m, r in (("stock", ref_stock), ("ripple", ref_ripple))}
     for r in (ref_stock, ref_ripple):
@@ -301,8 +301,18 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_t
             "unconfined": {"stock": {"mode": "stock", "fraction": None, **ref_stock},
                            "ripple": {"mode": "ripple", "fraction": None, "cache_budget_bytes": info["min_cache_bytes"],
                                       **ref_ripple}},
-            "runs": runs, "perplexity": ppl, "speedup": speedup, "speedup_same_ram": speedup_same_ram,
-            "speedup_default": speedup_default}
+            "runs": runs, "perplexity": ppl, **speedups}
+
+
+def run_speedup(res: dict, r: dict) -> float | None:
+    """A run's decode speed over stock's at its budget (None for stock and unconfined rows)."""
+    key = SPEEDUP_KEY.get(r["mode"])
+    return None if key is None or r.get("fraction") is None else res.get(key, {}).get(str(r["fraction"]))
+
+
+def took_stock_path(r: dict) -> bool:
+    """A default-settings ripple run that ran llama.cpp's stock path (a dense default operating point)."""
+    return r["mode"] == "ripple-default" and r.get("path") == "stock"
 
 
 HEAD = ("budget", "limit MiB", "cache MiB", "TTFT ms", "tok/s", "peak MiB", "ppl", "vs stock")
@@ -327,11 +337,10 @@ def format_e2e(res: dict) -> str:
     for r in [res["unconfined"][k] for k in MODES] + res["runs"]:
         f, tok_s, ttft = r["fraction"], r.get("decode_tok_s"), r.get("ttft_s")
         p = ppl.get("stock" if r["mode"] == "stock" else "ripple")
-        ratio = None if f is None or r["mode"] == "stock" else \
-            res[{"ripple": "speedup", "ripple-same-ram": "speedup_same_ram"}.get(r["mode"], "speedup_default")].get(str(f))
+        ratio = run_speedup(res, r)
         note = r.get("error") or ("timed out" if r.get("timed_out") else "") or \
             ("cache at its floor" if r.get("cache_floor_applied") else "") or \
-            ("default settings: llama.cpp's stock path" if r["mode"] == "ripple-default" and r.get("path") == "stock" else "")
+            ("default settings: llama.cpp's stock path" if took_stock_path(r) else "")
         cells = ["none" if f is None else f"{f:.0%}", _mib(r.get("limit_bytes")), _mib(r.get("cache_budget_bytes")),
                  "-" if ttft is None else f"{1000 * ttft:.1f}", "-" if not tok_s else f"{tok_s:.1f}",
                  _mib(r.get("cgroup_peak_bytes") or r.get("peak_rss_bytes")), "-" if p is None else f"{p:.3f}",

@@ -35,6 +35,7 @@ PIN_SHARE = 0.5
 
 def activation_sets(gguf: Path, pack, text: str, max_tokens: int, n_ctx: int = 512):
     """Per layer (tokens, n_ff) bool arrays in pack order: predicted (read) and truly active."""
+    from ..index_keys import in_pack_order
     from ..llama_capture import LlamaRunner
     from ..profile import chunk_tokens
     pred = [[] for _ in range(pack.n_layer)]
@@ -48,7 +49,7 @@ def activation_sets(gguf: Path, pack, text: str, max_tokens: int, n_ctx: int = 5
             _, cap, _ = runner.evaluate(chunk)
             for il, p in enumerate(pack.predictors):
                 pred[il].append(p.predict(cap[("input", il)]))
-                true[il].append(np.abs(cap[("act", il)][:, pack.orders[il]]) > pack.act_threshold[il])
+                true[il].append(np.abs(in_pack_order(pack.orders[il], cap[("act", il)])) > pack.act_threshold[il])
     return [np.concatenate(p) for p in pred], [np.concatenate(t) for t in true]
 
 

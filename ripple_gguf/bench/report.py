@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RippleError
+from .e2e import RUNS, run_speedup, took_stock_path
 
 TARGETS = dict(reads_ratio_relu=2.0, oracle_ratio=1.5, speedup_relu_50=3.0, speedup_swiglu_50=1.0,
                slowdown_100=0.9, ppl_rel=0.05)
@@ -237,14 +238,12 @@ def _e2e_table(e2e: dict) -> list[str]:
     ppl = e2e.get("perplexity", {})
     lines = ["| memory budget | mode | cgroup limit MiB | neuron cache MiB | TTFT s | decode tok/s | ripple / stock | peak cgroup MiB | peak RSS MiB | perplexity |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    modes = ["stock", "ripple", "ripple-same-ram", "ripple-default"]
-    for r in sorted(e2e["runs"], key=lambda r: (-r["fraction"], modes.index(r["mode"]))):
+    for r in sorted(e2e["runs"], key=lambda r: (-r["fraction"], RUNS.index(r["mode"]))):
         lim = f"{r['limit_bytes'] / 2**20:.1f}" if r.get("limit_bytes") else "unlimited"
-        key = {"ripple": "speedup", "ripple-same-ram": "speedup_same_ram"}.get(r["mode"], "speedup_default")
-        ratio = None if r["mode"] == "stock" else e2e.get(key, {}).get(f"{r['fraction']}")
+        ratio = run_speedup(e2e, r)
         p = (ppl.get("stock" if r["mode"] == "stock" else "ripple") or {}).get("ppl")
         err = f" ({r['error']})" if r.get("error") else (" (timed out)" if r.get("timed_out") else "")
-        if not err and r["mode"] == "ripple-default" and r.get("path") == "stock":
+        if not err and took_stock_path(r):
             err = " (ran llama.cpp's stock path: dense default operating point)"
         cache = f"{r['cache_budget_bytes'] / 2**20:.1f}" if r.get("cache_budget_bytes") else ""
         lines.append(f"| {100 * r['fraction']:.0f}% | {r['mode']}{err} | {lim} | {cache} | {r.get('ttft_s') or 0:.3f} | "
