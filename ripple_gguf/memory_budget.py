@@ -5,7 +5,8 @@ Without `--memory-budget` the cache used to be the whole FFN plus a warm preload
 than the model the one case this project exists for was OOM-killed. Now the default is
 
     available (the tightest of MemAvailable and every memory cgroup limit above this process)
-  - non-FFN weights (kept resident: llama.cpp maps them; page-cache pressure must not thrash them)
+  - non-FFN weights (read into memory where they fit, see non_ffn_fits: mapped, page-cache pressure
+    thrashes them every token)
   - KV cache (f16 K and V for n_ctx tokens) and a compute-buffer allowance
   - predictors and runtime metadata
   - headroom (10% of what is available, at least 64 MiB: the Python process, page cache of reads)
@@ -72,7 +73,8 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
     ffn = _ffn_bytes(r)
     other, kv_bytes = os.path.getsize(model_path) - ffn, _kv_bytes(r, n_ctx)
     split = {"available": avail, "available_from": source, "non_ffn_weights": other, "gguf_ffn": ffn,
-             "kv_cache": kv_bytes, "compute": COMPUTE_ALLOWANCE, "runtime": RUNTIME_ALLOWANCE + predictor_bytes}
+             "kv_cache": kv_bytes, "compute": COMPUTE_ALLOWANCE, "runtime": RUNTIME_ALLOWANCE + predictor_bytes,
+             "predictors": predictor_bytes}
     if avail is None:
         split.update(headroom=0, ffn_room=None, cache=ffn_pack_bytes, note="available memory unknown: the whole FFN")
         return ffn_pack_bytes, split
@@ -99,6 +101,16 @@ def whole_model_fits(split: dict) -> bool:
     return split.get("ffn_room") is not None and split["ffn_room"] >= split["gguf_ffn"]
 
 
+def non_ffn_fits(split: dict, cache: int) -> bool:
+    """Can the non-FFN weights be read into memory (resident) next to a neuron cache of `cache` bytes
+    where this split was made? The split already counts them as resident; this asks whether what is
+    left after them still holds the predictors and the cache. Mapped instead, they are page cache
+    that the pack's own memory pushes out: on SmolLM2 Q4_1 in a cgroup at half its size they were
+    re-read every token (1.4-4.3 tok/s; resident 8.3 tok/s, stock 3.6-5.5)."""
+    room = split.get("ffn_room")
+    return room is not None and room - split.get("predictors", 0) >= cache
+
+
 def describe(split: dict) -> str:
     """One line for `run --verbose`: how the default cache size came about."""
     mib = lambda b: f"{b / MIB:.0f} MiB"
@@ -109,4 +121,7 @@ def describe(split: dict) -> str:
             f"non-FFN weights {mib(split['non_ffn_weights'])} - KV cache {mib(split['kv_cache'])} - compute "
             f"{mib(split['compute'])} - runtime {mib(split['runtime'])} - headroom {mib(split['headroom'])} "
             f"-> neuron cache {mib(split['cache'])}")
-    return line + (f" ({split['note']})" if split.get("note") else "")
+    line += f" ({split['note']})" if split.get("note") else ""
+    if split.get("non_ffn"):
+        line += f"; non-FFN weights {split['non_ffn']}"
+    return line

@@ -29,6 +29,12 @@ def _add_runtime_args(p, generation: bool = True) -> None:
                         "buffers and 10%% headroom, at most the whole FFN (`run --verbose` prints the split)")
     m.add_argument("--cache-size", metavar="SIZE", help="the neuron cache alone, e.g. 256MiB (instead of a memory budget)")
     m.add_argument("--cache-ratio", type=float, metavar="R", help="neuron cache as a share of the FFN bytes, e.g. 0.25")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--resident-weights", dest="resident_weights", action="store_const", const=True, default=None,
+                   help="read the non-FFN weights into memory even where they do not seem to fit (default: where they "
+                        "fit next to the neuron cache; mapped, page-cache pressure re-reads them every token)")
+    w.add_argument("--map-weights", dest="resident_weights", action="store_const", const=False,
+                   help="keep the non-FFN weights mapped from the GGUF, as stock llama.cpp does")
     p.add_argument("--dense", action="store_true", help="run the same GGUF on llama.cpp's stock dense path")
     p.add_argument("--allow-dense-fallback", action="store_true",
                    help="if the pack is missing or unusable, warn and run dense instead of failing")
@@ -63,7 +69,8 @@ def _ripple_kwargs(args) -> dict:
                 io_threads=args.io_threads, direct_io=args.direct_io, pin_percent=args.pin_percent,
                 t0_us=args.t0_us, bw_mbps=args.bw_mbps, merge_gap_bytes=args.merge_gap,
                 threshold_offset=args.threshold_offset, warm_cache=not args.cold_cache, quality=args.quality,
-                stock_when_dense=not getattr(args, "curve", False))  # the curve moves along every point
+                stock_when_dense=not getattr(args, "curve", False),  # the curve moves along every point
+                resident_weights=args.resident_weights)
 
 
 def _n_ctx(args, default: int = 2048) -> int:
@@ -229,6 +236,8 @@ def print_mode_note(args, llm, out) -> None:
         print(point_line(llm.ripple_point), file=out)
     if llm.ripple_dense_reason and not args.dense:
         print(f"stock path: {llm.ripple_dense_reason}", file=out)
+    if llm.ripple_non_ffn:
+        print(f"non-FFN weights: {llm.ripple_non_ffn}", file=out)
 
 
 def point_line(pt: dict) -> str:

@@ -174,6 +174,21 @@ def choose_point(pack: Pack, quality) -> int:
                    zip(pack.op_density, pack.op_thresholds, pack.op_ppl_increase, pack.op_floor)], budget)
 
 
+def computes_every_neuron(pk: Pack, index: int) -> bool:
+    """Does stored operating point `index` compute every neuron (no predictor needed)?"""
+    from .quality import DENSE_THRESHOLD
+    return float(pk.op_density[index]) >= 1.0 and float(pk.op_floor[index]) in (0.0, 1.0) \
+        and bool(np.all(pk.op_thresholds[index] <= np.float32(DENSE_THRESHOLD)))
+
+
+def predictor_bytes(pk: Pack, point: int, stock_when_dense: bool = True) -> int:
+    """Memory the predictors take when RippleLlama attaches `pk` at `point`: none at a point that
+    computes every neuron (unless the caller keeps them to move along the curve)."""
+    if stock_when_dense and computes_every_neuron(pk, point):
+        return 0
+    return max(0, pk.file_bytes - pk.ffn_pack_bytes)
+
+
 def _point_info(pk: Pack, index: int) -> dict:
     return {"index": index, "density": float(pk.op_density[index]), "floor": float(pk.op_floor[index]),
             "ppl_increase": float(pk.op_ppl_increase[index]), "default": index == pk.op_default}
@@ -195,7 +210,10 @@ class RippleLlama(llama_cpp.Llama):
     RippleLlama("m.gguf", quality="1%")                 # the sparsest stored operating point within +1%
                                                         # perplexity on calibration text (default: the pack's)
     At an operating point of density >= STOCK_PATH_DENSITY with no budget given, the stock path runs
-    (see ripple_stats()["reason"]); stock_when_dense=False keeps the pack attached.
+    unless the model does not fit and its non-FFN weights do (see ripple_stats()["reason"]);
+    stock_when_dense=False keeps the pack attached. On the pack path the non-FFN weights are read into
+    memory where they fit next to the neuron cache (resident_weights=True/False forces it either way).
+    A use_mmap= the caller passes decides it too (use_mmap=False: resident).
     Everything else (n_ctx, n_threads, chat_format, verbose, ...) goes to `llama_cpp.Llama`.
     """
 
@@ -205,12 +223,14 @@ class RippleLlama(llama_cpp.Llama):
                  all_active: bool = False, io_threads: int = 4, direct_io: bool = False, pin_percent: int = 50,
                  t0_us: float | None = None, bw_mbps: float | None = None, merge_gap_bytes: int | None = None,
                  threshold_offset: float = 0.0, warm_cache: bool = True, quality=None,
-                 stock_when_dense: bool = True, **kwargs):
+                 stock_when_dense: bool = True, resident_weights: bool | None = None, **kwargs):
         self.ripple_pack: Pack | None = None
         self.ripple_dense_reason: str | None = None
         self.ripple_point: dict | None = None
         self.ripple_budget_split: dict | None = None  # how the default cache size was found (None: given)
+        self.ripple_non_ffn: str | None = None  # "resident" or "mapped (why)" on the pack path
         self._threshold_offset = float(threshold_offset)
+        self._no_predictors = False  # attached at a dense point without the predictors
         self._ripple_busy = threading.Lock()
         model_path = str(model_path)
         if not Path(model_path).is_file():
@@ -225,15 +245,23 @@ class RippleLlama(llama_cpp.Llama):
         try:
             pack = pack or verified_pack(model_path, pack_path)
             budget = budget_bytes(pack, opts)
-            if opts.cache_size is None and opts.cache_ratio is None:
-                from .memory_budget import default_cache_budget
-                budget, self.ripple_budget_split = default_cache_budget(
-                    model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
-                    max(pack.n_ff) * pack.bundle_bytes, max(0, pack.file_bytes - pack.ffn_pack_bytes),
-                    total=None if opts.memory_budget is None else parse_size(opts.memory_budget))
             point = pack.op_default if quality is None else choose_point(pack, quality)
-            if stock_when_dense and self._stock_is_the_same(model_path, pack, point, opts, kwargs):
+            # a caller that lets dense points run stock does not move along the curve either (see
+            # ripple_set_point): at a point computing every neuron the predictors would only take memory
+            self._no_predictors = not opts.all_active and stock_when_dense and computes_every_neuron(pack, point)
+            from .memory_budget import default_cache_budget, non_ffn_fits
+            default_cache, split = default_cache_budget(
+                model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
+                max(pack.n_ff) * pack.bundle_bytes, predictor_bytes(pack, point, stock_when_dense),
+                total=None if opts.memory_budget is None else parse_size(opts.memory_budget))
+            if opts.cache_size is None and opts.cache_ratio is None:
+                budget, self.ripple_budget_split = default_cache, split
+            resident = self._non_ffn_resident(resident_weights, non_ffn_fits(split, budget), kwargs)
+            if stock_when_dense and self._stock_is_the_same(model_path, pack, point, opts, kwargs, resident):
+                self.ripple_non_ffn = None
                 return
+            if self.ripple_budget_split is not None:
+                self.ripple_budget_split["non_ffn"] = self.ripple_non_ffn
             lib = ripple_lib()
         except RippleError as e:
             if not dense_fallback:
@@ -241,15 +269,17 @@ class RippleLlama(llama_cpp.Llama):
             msg = f"ripple: {e}; running the stock dense path instead"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             print(f"warning: {msg}", file=sys.stderr)
-            self.ripple_dense_reason = str(e)
+            self.ripple_dense_reason, self.ripple_non_ffn = str(e), None
             super().__init__(model_path, **kwargs)
             return
 
+        if resident:  # only now: the stock fallbacks above must keep llama.cpp's mapping
+            kwargs["use_mmap"] = False  # llama.cpp reads every non-lazy tensor into memory; the FFN stays lazy
         params = lib.llama_ripple_default_params()
         params.memory_budget = budget
         params.io_threads = max(1, int(io_threads))
         params.direct_io = int(bool(direct_io))
-        params.all_active = int(bool(all_active))
+        params.all_active = int(bool(all_active) or self._no_predictors)
         params.pin_percent = int(pin_percent)
         params.t0_us = float(t0_us or 0.0)
         params.bw_mbps = float(bw_mbps or 0.0)
@@ -266,28 +296,53 @@ class RippleLlama(llama_cpp.Llama):
             err = lib.llama_ripple_last_error(None).decode(errors="replace")
             raise RippleError(err or f"llama.cpp could not load {model_path} ({e})") from None
         lib.llama_ripple_unregister(mp)
+        if resident:
+            # llama.cpp read the non-FFN weights with buffered reads (and sequential readahead that runs
+            # on into the FFN): that page cache is a second copy the memory limit would charge
+            from .cgroup import drop_file_cache
+            drop_file_cache(model_path)
         if not lib.llama_ripple_is_attached(self.model):
             err = lib.llama_ripple_last_error(None).decode(errors="replace")
             raise RippleError(f"the ripple pack was not attached to {model_path}: {err or 'unknown reason'}")
         self.ripple_pack = pack
         self.ripple_set_point(point)
 
-    def _stock_is_the_same(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs) -> bool:
+    def _non_ffn_resident(self, asked: bool | None, fits: bool, kwargs) -> bool:
+        """Read the non-FFN weights into memory on the pack path? `asked` (resident_weights=) or the
+        caller's own use_mmap decide when given, else whether they fit (memory_budget.non_ffn_fits)."""
+        if asked is not None:
+            resident, why = bool(asked), "resident_weights=" + str(bool(asked))
+        elif "use_mmap" in kwargs:
+            resident, why = not kwargs["use_mmap"], f"use_mmap={kwargs['use_mmap']}"
+        else:
+            resident, why = fits, "they do not fit next to the neuron cache in the memory available"
+        self.ripple_non_ffn = "resident" if resident else f"mapped ({why})"
+        return resident
+
+    def _stock_is_the_same(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs,
+                           resident: bool) -> bool:
         """At a (nearly) dense operating point with no budget given, the pack path reads about the
-        same FFN bytes per token as llama.cpp's stock path and computes them slower: SmolLM2 warm
-        decode 0.8x stock with every neuron, ~0.9x at density 0.67; in a memory cgroup (bench e2e,
-        same RAM) 0.54x at 50% of the model and 0.69x at 25%. So llama.cpp's stock path runs (its
-        mmap'd weights are page cache the kernel reclaims under pressure: slower when the model does
-        not fit, never an OOM kill) and says why. Loads it and returns True when that is the case."""
+        same FFN bytes per token as llama.cpp's stock path and computes them slower when the whole
+        model fits (SmolLM2 warm decode 0.8x stock with every neuron, ~0.9x at density 0.67), or when
+        its non-FFN weights must stay mapped (they thrash through the page cache every token: bench
+        e2e same RAM 0.54x at 50% of the model, 0.69x at 25%). So llama.cpp's stock path runs there
+        (its mmap'd weights are page cache the kernel reclaims under pressure: slower when the model
+        does not fit, never an OOM kill) and says why. When the model does not fit but its non-FFN
+        weights do, the pack path runs with them resident: it reads only the FFN, in merged direct
+        reads, where stock re-reads the whole model through the page cache (SmolLM2 Q4_1 at half its
+        size: 8.3 vs 3.6-5.5 tok/s). Loads stock and returns True when that is the case."""
         from .memory_budget import MIB, whole_model_fits
         split = self.ripple_budget_split  # None when --cache-size/--cache-ratio was given
         density = float(pack.op_density[point])
         if opts.all_active or opts.memory_budget is not None or split is None or density < STOCK_PATH_DENSITY:
             return False
+        if resident and not whole_model_fits(split):
+            return False
         where = f"{split['available'] / MIB:.0f} MiB available ({split['available_from']})" \
             if split.get("available") is not None else "unknown available memory"
         fits = (f"the whole model fits in {where}" if whole_model_fits(split) else
-                f"the model does not fit in {where} (the pack would read nearly the same FFN bytes per token, slower)")
+                f"neither the model nor its non-FFN weights next to a neuron cache fit in {where} (the pack "
+                "path would re-read the mapped non-FFN weights every token, slower)")
         what = "computes every neuron" if density >= 1.0 else f"computes {100 * density:.0f}% of the neurons"
         self.ripple_dense_reason = (f"operating point {point} {what} and {fits}: llama.cpp's stock "
                                     "path (pass --memory-budget or a sparser --quality to use the pack)")
@@ -355,6 +410,7 @@ class RippleLlama(llama_cpp.Llama):
         d["reads_per_token"] = d["reads"] / d["tokens"] if d["tokens"] else 0.0
         d["bytes_per_token"] = d["bytes_read"] / d["tokens"] if d["tokens"] else 0.0
         d["pack"] = str(self.ripple_pack.path)
+        d["non_ffn_weights"] = self.ripple_non_ffn
         return d
 
     def ripple_set_point(self, index: int) -> dict:
@@ -364,6 +420,9 @@ class RippleLlama(llama_cpp.Llama):
             raise RippleError("no ripple pack attached (dense mode)")
         if not 0 <= index < len(pk.op_density):
             raise RippleError(f"operating point {index} does not exist; the pack has {len(pk.op_density)}")
+        if self._no_predictors and not computes_every_neuron(pk, index):
+            raise RippleError(f"operating point {index} needs the predictors, which a load at the dense point leaves "
+                              "out; load with stock_when_dense=False (or the CLI's --quality) to move between points")
         if index != pk.op_default or self.ripple_point is not None:
             lib = ripple_lib()
             if not hasattr(lib, "llama_ripple_set_floor"):

@@ -571,3 +571,46 @@ def test_memory_budget_is_what_the_whole_process_may_use(packed):
         RippleLlama(path, memory_budget=fixed, **KW)
     proc = run_cli("run", path, "-p", "x", "--memory-budget", "64MiB")
     assert proc.returncode == 1 and proc.stderr.startswith("error: memory budget 64 MiB") and len(proc.stderr.splitlines()) == 1
+
+
+def test_non_ffn_weights_resident_or_mapped_compute_the_same(packed):
+    """On the pack path the non-FFN weights are read into memory where they fit (mapped, a memory
+    limit made llama.cpp re-fault them page by page every token); either way the tokens are the same,
+    and the choice is reported."""
+    path = packed("tiny-llama-swiglu", "f32")
+    out = {}
+    for asked in (None, True, False):
+        llm = RippleLlama(path, resident_weights=asked, **PACK, **KW)
+        out[asked] = (llm.create_completion("def ", max_tokens=12, temperature=0.0)["choices"][0]["text"],
+                      llm.ripple_stats()["non_ffn_weights"])
+        llm.close()
+    assert out[None][1] == "resident"  # this machine has room to spare
+    assert out[True][1] == "resident" and out[False][1].startswith("mapped (resident_weights=False")
+    assert out[None][0] == out[True][0] == out[False][0]
+
+
+def test_non_ffn_fits_leaves_room_for_predictors_and_cache():
+    from ripple_gguf.memory_budget import non_ffn_fits
+    split = {"ffn_room": 100, "predictors": 10}
+    assert non_ffn_fits(split, 90) and not non_ffn_fits(split, 91)
+    assert not non_ffn_fits({"ffn_room": None}, 0)  # available memory unknown: stay mapped
+
+
+def test_dense_point_leaves_the_predictors_out(packed):
+    """At an operating point computing every neuron the predictors only cost memory (at 8B size
+    ~150 MiB): they are not loaded unless the caller keeps them to move along the curve."""
+    path = packed("tiny-llama-swiglu", "f32")
+    pk = open_pack(path)
+    assert len(pk.op_density) > 1 and pk.op_density[0] == 1.0
+    llm = RippleLlama(path, quality="0%", **PACK, **KW)
+    st = llm.ripple_stats()
+    assert st["all_active"] and st["overhead_bytes"] < pk.predictor_bytes
+    with pytest.raises(RippleError, match="needs the predictors"):
+        llm.ripple_set_point(1)
+    dense_text = llm.create_completion("def ", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    llm.close()
+    llm = RippleLlama(path, quality="0%", stock_when_dense=False, **PACK, **KW)
+    assert not llm.ripple_stats()["all_active"] and llm.ripple_stats()["overhead_bytes"] > pk.predictor_bytes
+    assert llm.create_completion("def ", max_tokens=8, temperature=0.0)["choices"][0]["text"] == dense_text
+    llm.ripple_set_point(1)
+    llm.close()

@@ -121,7 +121,7 @@ def register(sub) -> None:
         q.add_argument("--io-threads", type=int, default=4, help="parallel readers, as the runtime (default 4)")
 
     def e2e_args(q):
-        q.add_argument("--budgets", default="1,0.5,0.25", help="memory budgets as fractions of the GGUF size")
+        q.add_argument("--budgets", default="1,0.75,0.5,0.35,0.25", help="memory budgets as fractions of the GGUF size (default 1,0.75,0.5,0.35,0.25)")
         q.add_argument("--gen-tokens", type=int, default=64, help="greedy tokens decoded per run (default 64)")
         q.add_argument("--prompt-tokens", type=int, default=64, help="prompt tokens (default 64)")
         q.add_argument("--ctx", type=int, default=512, help="context, also the perplexity chunk (default 512)")

@@ -12,7 +12,8 @@ measured in an unconfined run first. Two limits per budget:
             "ripple-default" runs under the same limit with default settings, as a user would: no
             cache size given (the runtime splits the cgroup's limit itself) and the pack's default
             operating point, which may mean llama.cpp's stock path (the "path" column).
-Ripple's weights are the mmap'd non-FFN tensors, the predictors and the neuron cache (the rest).
+Ripple's weights are the non-FFN tensors (read into memory where the neuron cache fits after them,
+else mapped), the predictors and the neuron cache (the rest).
 The sparse runtime reads the pack with O_DIRECT by default (no second copy of what it caches in the
 page cache, which the cgroup would charge). Reported per run:
 time to first token, decode tokens/s and peak memory; per mode: perplexity on the same text.
@@ -75,7 +76,7 @@ def _load(a: dict, n_ctx: int, **kw):
     if a["mode"] == "stock":
         return llama_cpp.Llama(a["gguf"], **kw)
     return RippleLlama(a["gguf"], cache_size=a.get("cache_budget"), t0_us=a.get("t0_us"), bw_mbps=a.get("bw_mbps"),
-                       direct_io=bool(a.get("direct_io")), **kw)
+                       direct_io=bool(a.get("direct_io")), resident_weights=a.get("resident_weights"), **kw)
 
 
 def _measure(a: dict, text: str) -> dict:
@@ -110,7 +111,8 @@ def _measure(a: dict, text: str) -> dict:
     out = {"load_s": round(load_s, 4), "ttft_s": round(ttft, 5), "prompt_tokens": len(prompt), "decode_tokens": n,
            "decode_s": round(decode_s, 5), "decode_tok_s": round(n / decode_s, 3) if n and decode_s > 0 else None,
            "timed_out": timed_out, "tokens": ids, "peak_rss_bytes": peak_rss(), "peak_anon_bytes": anon.stop(),
-           "path": "stock" if not getattr(llm, "ripple_active", False) else "pack"}
+           "path": "stock" if not getattr(llm, "ripple_active", False) else "pack",
+           "non_ffn_weights": getattr(llm, "ripple_non_ffn", None)}
     if s1.get("mode") == "sparse":
         out["decode_stats"] = phase(s1, s0, n, decode_s)
         out.update({k: s1[k] for k in ("cache_bytes", "overhead_bytes", "t0_us", "bw_mbps")})
@@ -154,11 +156,12 @@ def model_info(gguf: str, text_path: str, need_tokens: int) -> dict:
         raise RippleError(f"{text_path}: no such file; pass a text file with --text")
     from ..pack import open_pack
     from ..memory_budget import gguf_ffn_split
+    from ..runtime import predictor_bytes
     pack = open_pack(gguf)  # RippleError naming `ripple-gguf pack` when missing or not bound to this GGUF
     ffn, other = gguf_ffn_split(gguf)
     info = {"gguf": os.path.abspath(gguf), "gguf_bytes": os.path.getsize(gguf), "ffn_bytes": ffn,
             "non_ffn_bytes": other, "pack": os.path.abspath(pack.path), "pack_bytes": pack.file_bytes,
-            "predictor_bytes": pack.predictor_bytes, "n_layer": pack.n_layer, "n_ff": list(pack.n_ff),
+            "predictor_bytes": predictor_bytes(pack, pack.op_default), "n_layer": pack.n_layer, "n_ff": list(pack.n_ff),
             "min_cache_bytes": max(pack.n_ff) * pack.bundle_bytes,
             "max_cache_bytes": sum(pack.n_ff) * pack.bundle_bytes}
     import llama_cpp
@@ -226,7 +229,7 @@ def _worker(args: dict, limit: int | None, timeout: float) -> dict:
     return rec
 
 
-def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_tokens=64, ctx=512, ppl_chunks=4,
+def run_e2e(gguf, text_path, fractions=(1.0, 0.75, 0.5, 0.35, 0.25), gen_tokens=64, prompt_tokens=64, ctx=512, ppl_chunks=4,
             timeout_s=300, t0_us=None, bw_mbps=None, threads=None, direct_io=True, progress=True) -> dict:
     """Stock vs ripple at each memory budget (a share of the GGUF size); see the module docstring."""
     from tqdm import tqdm
@@ -248,13 +251,14 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_t
     bar = tqdm(total=2 + len(RUNS) * len(fractions), unit="run", file=sys.stderr, disable=not progress, leave=False)
     try:
         # unconfined: each mode's non-weight memory, and perplexity (it does not depend on the limit);
-        # ripple runs with its smallest cache so that its anonymous memory is nearly all overhead
+        # ripple runs with its smallest cache and mapped non-FFN weights, so that its anonymous memory
+        # is nearly all overhead
         bar.set_description("stock unconfined")
         ref_stock = _worker({**base, "mode": "stock", "ppl_chunks": ppl_chunks}, None, hard)
         bar.update()
         bar.set_description("ripple unconfined")
         ref_ripple = _worker({**base, "mode": "ripple", "pack": info["pack"], "cache_budget": info["min_cache_bytes"],
-                              "ppl_chunks": ppl_chunks}, None, hard)
+                              "resident_weights": False, "ppl_chunks": ppl_chunks}, None, hard)
         bar.update()
         for name, ref in (("stock llama-cpp-python", ref_stock), ("the ripple runtime", ref_ripple)):
             if ref["error"]:
@@ -276,7 +280,9 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.5, 0.25), gen_tokens=64, prompt_t
                     args.update(pack=info["pack"], cache_budget=None)
                 elif run != "stock":
                     cache, floored = cache_budget(budget + own - overheads["ripple"], info)
-                    args.update(pack=info["pack"], cache_budget=cache)
+                    # the budget counts the non-FFN weights as memory the run holds: resident where the
+                    # cache fits after them (the runtime's own rule guesses with fixed allowances)
+                    args.update(pack=info["pack"], cache_budget=cache, resident_weights=not floored)
                     extra = {"cache_budget_bytes": cache, "cache_floor_applied": floored}
                 rec = _worker(args, limit, hard)
                 runs.append({"mode": run, "fraction": frac, "budget_bytes": budget, **extra, **rec})
@@ -310,6 +316,15 @@ def run_speedup(res: dict, r: dict) -> float | None:
     return None if key is None or r.get("fraction") is None else res.get(key, {}).get(str(r["fraction"]))
 
 
+def path_note(r: dict) -> str:
+    """How a ripple run held its weights, when that is not the pack path with resident non-FFN weights."""
+    if took_stock_path(r):
+        return "ran llama.cpp's stock path: dense default operating point"
+    if r.get("path") == "pack" and (r.get("non_ffn_weights") or "").startswith("mapped"):
+        return "non-FFN weights mapped"
+    return ""
+
+
 def took_stock_path(r: dict) -> bool:
     """A default-settings ripple run that ran llama.cpp's stock path (a dense default operating point)."""
     return r["mode"] == "ripple-default" and r.get("path") == "stock"
@@ -339,8 +354,7 @@ def format_e2e(res: dict) -> str:
         p = ppl.get("stock" if r["mode"] == "stock" else "ripple")
         ratio = run_speedup(res, r)
         note = r.get("error") or ("timed out" if r.get("timed_out") else "") or \
-            ("cache at its floor" if r.get("cache_floor_applied") else "") or \
-            ("default settings: llama.cpp's stock path" if took_stock_path(r) else "")
+            "; ".join(filter(None, ["cache at its floor" if r.get("cache_floor_applied") else "", path_note(r)]))
         cells = ["none" if f is None else f"{f:.0%}", _mib(r.get("limit_bytes")), _mib(r.get("cache_budget_bytes")),
                  "-" if ttft is None else f"{1000 * ttft:.1f}", "-" if not tok_s else f"{tok_s:.1f}",
                  _mib(r.get("cgroup_peak_bytes") or r.get("peak_rss_bytes")), "-" if p is None else f"{p:.3f}",

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RippleError
-from .e2e import RUNS, run_speedup, took_stock_path
+from .e2e import RUNS, path_note, run_speedup
 
 TARGETS = dict(reads_ratio_relu=2.0, oracle_ratio=1.5, speedup_relu_50=3.0, speedup_swiglu_50=1.0,
                slowdown_100=0.9, ppl_rel=0.05)
@@ -156,8 +156,8 @@ def _why_slow(r: dict, e2e: dict) -> str:
                      f"the neuron cache ({r['cache_budget_bytes'] / 2**20:.1f} MiB) is smaller than the FFN "
                      f"({m['ffn_bytes'] / 2**20:.1f} MiB), so misses continue")
     if at_limit:
-        parts.append("the cgroup ran at its limit, so the kernel evicted and re-faulted the mmap'd non-FFN weights: "
-                     "that, not compute, is most of the rest")
+        parts.append("the cgroup ran at its limit" + (", so the kernel evicted and re-faulted the mapped non-FFN weights: "
+                     "that, not compute, is most of the rest" if path_note(r) else ""))
     elif io_ms < 0.25 * ms:
         parts.append("the rest is compute: predictor, cache bookkeeping and neuron-by-neuron kernels, which on "
                      "layers this small cost about what stock's dense matmuls do")
@@ -243,8 +243,8 @@ def _e2e_table(e2e: dict) -> list[str]:
         ratio = run_speedup(e2e, r)
         p = (ppl.get("stock" if r["mode"] == "stock" else "ripple") or {}).get("ppl")
         err = f" ({r['error']})" if r.get("error") else (" (timed out)" if r.get("timed_out") else "")
-        if not err and took_stock_path(r):
-            err = " (ran llama.cpp's stock path: dense default operating point)"
+        if not err and path_note(r):
+            err = f" ({path_note(r)})"
         cache = f"{r['cache_budget_bytes'] / 2**20:.1f}" if r.get("cache_budget_bytes") else ""
         lines.append(f"| {100 * r['fraction']:.0f}% | {r['mode']}{err} | {lim} | {cache} | {r.get('ttft_s') or 0:.3f} | "
                      f"{r.get('decode_tok_s') or 0:.1f} | {f'{ratio:.2f}x' if ratio else ''} | "
@@ -317,7 +317,8 @@ def render(result: dict, doc_dir: Path) -> str:
                   "Rows `ripple-same-ram` give ripple stock's limit instead: one emulated device for both, so ripple's "
                   "extra fixed memory comes out of its neuron cache (or, below its one-layer minimum, makes it run out "
                   "of memory). At real model sizes a few MiB of fixed memory vanish in the budget; at this size they do not. "
-                  f"Ripple's weights are the mmap'd non-FFN tensors ({e2e['model']['non_ffn_bytes'] / 2**20:.1f} MiB), the "
+                  f"Ripple's weights are the non-FFN tensors ({e2e['model']['non_ffn_bytes'] / 2**20:.1f} MiB; read into "
+                  "memory where the neuron cache fits after them, else mapped: see the mode column), the "
                   f"predictors ({e2e['model']['predictor_bytes'] / 2**20:.1f} MiB) and the neuron cache (the rest). Cold page cache "
                   f"before each run. {s.get('prompt_tokens')} prompt tokens, {s.get('gen_tokens')} greedy decode tokens; "
                   f"perplexity over {s.get('ppl_chunks')} chunks of {s.get('ctx')} tokens.", "",
