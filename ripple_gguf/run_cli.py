@@ -44,7 +44,8 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("--io-threads", type=int, default=4, help="parallel pread workers (default 4)")
     p.add_argument("--direct-io", action="store_true", help="read the pack with O_DIRECT (bypass the page cache)")
     p.add_argument("--all-active", action="store_true", help="debug: predictor off, every neuron computed")
-    p.add_argument("--pin-percent", type=int, default=50, help="share of the cache pinned to hot neurons (default 50)")
+    p.add_argument("--pin-percent", type=int, default=None,
+                   help="share of the cache pinned to hot neurons (default 50; 100 where every neuron is computed)")
     p.add_argument("--cold-cache", action="store_true",
                    help="start with only the pinned neurons cached (default: fill the rest with the next hottest at load)")
     p.add_argument("--t0-us", type=float, default=None, help="cost model: per-read latency in us (default: probed)")

@@ -332,6 +332,24 @@ def test_cold_all_active_first_token_reads_the_ffn_exactly_once(packed):
     assert second["bytes_read"] == ffn and second["cache_hits"] > 0  # everything cached afterwards
 
 
+def test_every_neuron_with_a_partial_cache_reads_only_what_it_misses(packed):
+    """Every token needs every neuron at a dense point: the cache keeps the same leading share of each
+    layer, so each layer misses one contiguous tail. Pinning the hottest (scattered) neurons left gaps
+    that merged reads fetched a second time (SmolLM2 at 75% of its size: ~20% more bytes than missed)."""
+    path = packed("tiny-arcee-relu2", "f16")
+    pk = open_pack(path)
+    llm = RippleLlama(path, all_active=True, cache_ratio=0.5, **KW)
+    llm.eval(llm.tokenize(b"def f(x):"))
+    llm.ripple_reset_stats()
+    for tok in llm.tokenize(b" return x + 1", add_bos=False):
+        llm.eval([tok])
+    st = llm.ripple_stats()
+    llm.close()
+    assert st["cache_hits"] > 0 and st["cache_misses"] > 0
+    assert st["bytes_read"] <= 1.02 * st["useful_bytes"]  # no cached neuron read again
+    assert st["reads_per_token"] <= 2 * pk.n_layer  # one tail per layer (split only at 4 MiB)
+
+
 # --- bad input -------------------------------------------------------------------------------------
 
 def copy_model(src: Path, dst_dir: Path, with_pack: bool = True) -> Path:
