@@ -121,7 +121,4 @@ def describe(split: dict) -> str:
             f"non-FFN weights {mib(split['non_ffn_weights'])} - KV cache {mib(split['kv_cache'])} - compute "
             f"{mib(split['compute'])} - runtime {mib(split['runtime'])} - headroom {mib(split['headroom'])} "
             f"-> neuron cache {mib(split['cache'])}")
-    line += f" ({split['note']})" if split.get("note") else ""
-    if split.get("non_ffn"):
-        line += f"; non-FFN weights {split['non_ffn']}"
-    return line
+    return line + (f" ({split['note']})" if split.get("note") else "")

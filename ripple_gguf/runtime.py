@@ -181,12 +181,29 @@ def computes_every_neuron(pk: Pack, index: int) -> bool:
         and bool(np.all(pk.op_thresholds[index] <= np.float32(DENSE_THRESHOLD)))
 
 
+def loads_predictors(pk: Pack, point: int, stock_when_dense: bool = True) -> bool:
+    """Does RippleLlama load the predictors when it attaches `pk` at `point`? Not at a point that
+    computes every neuron (they would only take memory: ~150 MiB at 8B size), unless the caller keeps
+    them to move along the curve: one that lets dense points run stock does not (see ripple_set_point)."""
+    return not (stock_when_dense and computes_every_neuron(pk, point))
+
+
 def predictor_bytes(pk: Pack, point: int, stock_when_dense: bool = True) -> int:
-    """Memory the predictors take when RippleLlama attaches `pk` at `point`: none at a point that
-    computes every neuron (unless the caller keeps them to move along the curve)."""
-    if stock_when_dense and computes_every_neuron(pk, point):
-        return 0
-    return max(0, pk.file_bytes - pk.ffn_pack_bytes)
+    """Memory the predictors take when RippleLlama attaches `pk` at `point`."""
+    return max(0, pk.file_bytes - pk.ffn_pack_bytes) if loads_predictors(pk, point, stock_when_dense) else 0
+
+
+def _non_ffn_resident(asked: bool | None, fits: bool, kwargs) -> tuple[bool, str]:
+    """Read the non-FFN weights into memory on the pack path? `asked` (resident_weights=) or the
+    caller's own use_mmap decide when given, else whether they fit (memory_budget.non_ffn_fits).
+    Returns (resident, "resident" or "mapped (why)")."""
+    if asked is not None:
+        resident, why = bool(asked), f"resident_weights={bool(asked)}"
+    elif "use_mmap" in kwargs:
+        resident, why = not kwargs["use_mmap"], f"use_mmap={kwargs['use_mmap']}"
+    else:
+        resident, why = fits, "they do not fit next to the neuron cache in the memory available"
+    return resident, "resident" if resident else f"mapped ({why})"
 
 
 def _point_info(pk: Pack, index: int) -> dict:
@@ -246,9 +263,7 @@ class RippleLlama(llama_cpp.Llama):
             pack = pack or verified_pack(model_path, pack_path)
             budget = budget_bytes(pack, opts)
             point = pack.op_default if quality is None else choose_point(pack, quality)
-            # a caller that lets dense points run stock does not move along the curve either (see
-            # ripple_set_point): at a point computing every neuron the predictors would only take memory
-            self._no_predictors = not opts.all_active and stock_when_dense and computes_every_neuron(pack, point)
+            self._no_predictors = not opts.all_active and not loads_predictors(pack, point, stock_when_dense)
             from .memory_budget import default_cache_budget, non_ffn_fits
             default_cache, split = default_cache_budget(
                 model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
@@ -256,12 +271,9 @@ class RippleLlama(llama_cpp.Llama):
                 total=None if opts.memory_budget is None else parse_size(opts.memory_budget))
             if opts.cache_size is None and opts.cache_ratio is None:
                 budget, self.ripple_budget_split = default_cache, split
-            resident = self._non_ffn_resident(resident_weights, non_ffn_fits(split, budget), kwargs)
+            resident, non_ffn = _non_ffn_resident(resident_weights, non_ffn_fits(split, budget), kwargs)
             if stock_when_dense and self._stock_is_the_same(model_path, pack, point, opts, kwargs, resident):
-                self.ripple_non_ffn = None
                 return
-            if self.ripple_budget_split is not None:
-                self.ripple_budget_split["non_ffn"] = self.ripple_non_ffn
             lib = ripple_lib()
         except RippleError as e:
             if not dense_fallback:
@@ -269,10 +281,11 @@ class RippleLlama(llama_cpp.Llama):
             msg = f"ripple: {e}; running the stock dense path instead"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             print(f"warning: {msg}", file=sys.stderr)
-            self.ripple_dense_reason, self.ripple_non_ffn = str(e), None
+            self.ripple_dense_reason = str(e)
             super().__init__(model_path, **kwargs)
             return
 
+        self.ripple_non_ffn = non_ffn
         if resident:  # only now: the stock fallbacks above must keep llama.cpp's mapping
             kwargs["use_mmap"] = False  # llama.cpp reads every non-lazy tensor into memory; the FFN stays lazy
         params = lib.llama_ripple_default_params()
@@ -311,18 +324,6 @@ class RippleLlama(llama_cpp.Llama):
             raise RippleError(f"the ripple pack was not attached to {model_path}: {err or 'unknown reason'}")
         self.ripple_pack = pack
         self.ripple_set_point(point)
-
-    def _non_ffn_resident(self, asked: bool | None, fits: bool, kwargs) -> bool:
-        """Read the non-FFN weights into memory on the pack path? `asked` (resident_weights=) or the
-        caller's own use_mmap decide when given, else whether they fit (memory_budget.non_ffn_fits)."""
-        if asked is not None:
-            resident, why = bool(asked), "resident_weights=" + str(bool(asked))
-        elif "use_mmap" in kwargs:
-            resident, why = not kwargs["use_mmap"], f"use_mmap={kwargs['use_mmap']}"
-        else:
-            resident, why = fits, "they do not fit next to the neuron cache in the memory available"
-        self.ripple_non_ffn = "resident" if resident else f"mapped ({why})"
-        return resident
 
     def _stock_is_the_same(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs,
                            resident: bool) -> bool:

@@ -320,9 +320,12 @@ def path_note(r: dict) -> str:
     """How a ripple run held its weights, when that is not the pack path with resident non-FFN weights."""
     if took_stock_path(r):
         return "ran llama.cpp's stock path: dense default operating point"
-    if r.get("path") == "pack" and (r.get("non_ffn_weights") or "").startswith("mapped"):
-        return "non-FFN weights mapped"
-    return ""
+    return "non-FFN weights mapped" if non_ffn_mapped(r) else ""
+
+
+def non_ffn_mapped(r: dict) -> bool:
+    """A pack-path run whose non-FFN weights stayed mapped (RippleLlama.ripple_non_ffn "mapped (why)")."""
+    return r.get("path") == "pack" and (r.get("non_ffn_weights") or "").startswith("mapped")
 
 
 def took_stock_path(r: dict) -> bool:

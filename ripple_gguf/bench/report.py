@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RippleError
-from .e2e import RUNS, path_note, run_speedup
+from .e2e import RUNS, non_ffn_mapped, path_note, run_speedup
 
 TARGETS = dict(reads_ratio_relu=2.0, oracle_ratio=1.5, speedup_relu_50=3.0, speedup_swiglu_50=1.0,
                slowdown_100=0.9, ppl_rel=0.05)
@@ -157,7 +157,7 @@ def _why_slow(r: dict, e2e: dict) -> str:
                      f"({m['ffn_bytes'] / 2**20:.1f} MiB), so misses continue")
     if at_limit:
         parts.append("the cgroup ran at its limit" + (", so the kernel evicted and re-faulted the mapped non-FFN weights: "
-                     "that, not compute, is most of the rest" if path_note(r) else ""))
+                     "that, not compute, is most of the rest" if non_ffn_mapped(r) else ""))
     elif io_ms < 0.25 * ms:
         parts.append("the rest is compute: predictor, cache bookkeeping and neuron-by-neuron kernels, which on "
                      "layers this small cost about what stock's dense matmuls do")
