@@ -218,29 +218,3 @@ def model_at_depth(probe_result: dict, qd: int) -> CostModel:
         raise ValueError("the probe has no fitted cost model")
     best = min(fits, key=lambda q: abs(int(q) - qd))
     return CostModel(fits[best]["t0_us"], fits[best]["bw_mbps"])
-
-
-# ----------------------------------------------------------------------------- read plans
-
-def plan_runs(positions: np.ndarray, record_bytes: int, merge_gap_bytes: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted positions to read -> (first position, count) of each request.
-
-    Without merging (merge_gap_bytes None) a request is a maximal run of adjacent positions; with
-    merging, runs separated by a gap of at most merge_gap_bytes are read as one request (the gap is
-    read too). Requests are split at MAX_REQ, as the runtime does."""
-    if len(positions) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    gaps = (np.diff(positions) - 1) * record_bytes
-    brk = np.flatnonzero(gaps > (merge_gap_bytes or 0)) + 1
-    starts = positions[np.r_[0, brk]]
-    ends = positions[np.r_[brk - 1, len(positions) - 1]] + 1
-    counts = ends - starts
-    per_req = max(1, MAX_REQ // record_bytes)
-    if counts.max() > per_req:  # rare: split long runs into MAX_REQ pieces
-        s2, c2 = [], []
-        for s, c in zip(starts.tolist(), counts.tolist()):
-            for k in range(0, c, per_req):
-                s2.append(s + k)
-                c2.append(min(per_req, c - k))
-        starts, counts = np.asarray(s2, np.int64), np.asarray(c2, np.int64)
-    return starts.astype(np.int64), counts.astype(np.int64)

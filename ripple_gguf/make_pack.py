@@ -18,7 +18,7 @@ from .gguf_io import ffn_weight_bytes, kv, open_header, read_ffn_layout, tensor_
 from .index_keys import read_index
 from .llama_capture import LlamaRunner
 from .pack import check_pack_types, pack_path_for, write_pack
-from .predictor import choose_rank, evaluate, train_layer
+from .predictor import choose_pack_rank, evaluate, train_layer
 from .profile import capture_layers, chunk_tokens
 from .stages import Stages
 from . import quality
@@ -107,10 +107,10 @@ def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarr
             raise RippleError(f"layer {il}'s activations on the calibration text are not finite: the GGUF's weights "
                               "are damaged or overflow; check the file (re-download or reconvert it)")
     curves = []
+    rank = opts.rank or choose_pack_rank(layout.n_embd, layout.n_ff, ffn_bytes)
     with stages("predictors"):
         for il in tqdm(range(layout.n_layer), desc="training predictors", unit="layer", leave=False):
             x, h, thr = np.asarray(xs[il][:n]), index.in_pack_order(il, hs[il][:n]), float(thresholds[il])
-            rank = opts.rank or choose_rank(layout.n_embd, layout.n_ff[il], ffn_bytes[il])
             p = train_layer(x[:n_train], h[:n_train], thr, rank, seed=opts.seed + il,
                             **({"steps": opts.steps} if opts.steps else {}))
             curves.append(quality.layer_curve(p.scores(x[n_train:n_tune]), h[n_train:n_tune],

@@ -198,6 +198,9 @@ def write_pack(gguf_path: Path, out: Path, orders: list[np.ndarray], predictors:
         types["down_source"].append(src)
         types["down"].append(pack_down_type(src, layout.n_embd, down_policy))
     bundle = [sum(row_bytes(types[k][il], layout.n_embd) for k in (*kinds, "down")) for il in range(layout.n_layer)]
+    ranks = {int(p.w1.shape[0]) for p in predictors}
+    if len(ranks) != 1:  # one ripple.pack.pred_rank: a reader would refuse the pack we wrote
+        raise RippleError(f"predictors of different widths {sorted(ranks)}; the pack holds one rank for every layer")
     writer = GGUFWriter(out, PACK_ARCH)
     writer.add_custom_alignment(PACK_ALIGN)
     items = {

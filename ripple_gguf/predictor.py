@@ -50,6 +50,13 @@ def choose_rank(n_embd: int, n_ff: int, ffn_bytes: int, lo: int = 32, hi: int = 
     return int(np.clip(r - r % 8, lo, hi))
 
 
+def choose_pack_rank(n_embd: int, n_ff: list[int], ffn_bytes: list[int]) -> int:
+    """One width for every layer (the pack holds one ripple.pack.pred_rank): the smallest layer's
+    choice, so each stays within its budget. Layers differ in a mixed file: Q4_K_M keeps some layers'
+    ffn_down in Q6_K, so at 8B size their choices differed (128 vs 152) and the pack was unreadable."""
+    return min(choose_rank(n_embd, f, b) for f, b in zip(n_ff, ffn_bytes))
+
+
 @contextmanager
 def torch_threads(large: bool):
     """Run torch with one thread for small work, else as many as the machine has idle cores.

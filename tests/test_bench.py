@@ -1,15 +1,14 @@
-"""bench probe / io / report: the cost model, the replay's accounting, and the CLI on a fixture."""
+"""bench probe / io / scale / report: the cost model, the runtime's counters per placement, the scale
+measurements and projections, and the CLI on fixtures."""
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 
 import numpy as np
 import pytest
 
-from conftest import HELDOUT, run_cli
+from conftest import CALIB, HELDOUT, run_cli
 from ripple_gguf import iocost
-from ripple_gguf.bench.io_replay import simulate_cache
 
 
 def test_fit_recovers_a_known_cost_model():
@@ -18,37 +17,6 @@ def test_fit_recovers_a_known_cost_model():
     m = iocost.fit_cost_model(sizes, t)
     assert m.t0_us == pytest.approx(80, rel=1e-6) and m.bw_mbps == pytest.approx(1500, rel=1e-6)
     assert m.merge_gap_bytes == int(80e-6 * 1.5e9)  # merge when the gap costs less than a request
-
-
-def test_plan_runs_merges_only_cheap_gaps():
-    pos = np.array([0, 1, 2, 5, 6, 40])
-    s, c = iocost.plan_runs(pos, record_bytes=100, merge_gap_bytes=None)
-    assert s.tolist() == [0, 5, 40] and c.tolist() == [3, 2, 1]
-    s, c = iocost.plan_runs(pos, record_bytes=100, merge_gap_bytes=300)  # gap of 2 records merges, 33 does not
-    assert s.tolist() == [0, 40] and c.tolist() == [7, 1]
-    s, c = iocost.plan_runs(np.arange(100_000), record_bytes=1024, merge_gap_bytes=0)
-    assert c.max() * 1024 <= iocost.MAX_REQ and c.sum() == 100_000  # long runs split like the runtime's
-
-
-def test_cache_simulation_is_exact_lru_plus_pinned():
-    rng = np.random.default_rng(0)
-    reads = rng.random((200, 64)) < 0.2
-    hot = rng.random(64)
-    cap = 20
-    misses = simulate_cache(reads, cap, hot)
-    pinned = set(np.argsort(-hot, kind="stable")[:cap // 2].tolist())
-    lru: OrderedDict[int, None] = OrderedDict()
-    for t in range(len(reads)):
-        want = [int(i) for i in np.flatnonzero(reads[t])]
-        expect = {i for i in want if i not in pinned and i not in lru}
-        assert set(np.flatnonzero(misses[t]).tolist()) == expect
-        for i in want:
-            if i not in pinned:
-                lru.pop(i, None)
-                lru[i] = None
-        while len(lru) > cap - cap // 2:
-            lru.popitem(last=False)
-    assert (simulate_cache(reads, 0, hot) == reads).all()
 
 
 def test_bench_probe_cli(tmp_path):
@@ -60,35 +28,43 @@ def test_bench_probe_cli(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the scratch file is gone
 
 
-@pytest.mark.parametrize("model", ["tiny-arcee-relu2"])
-def test_bench_io_accounting(converted, model):
-    path = converted(model, "f16")
-    proc = run_cli("bench", "io", path, "--text", HELDOUT, "--tokens", "256", "--time-tokens", "8", "--json", check=True)
+def test_bench_io_decodes_through_the_runtime(converted):
+    """Every figure is the runtime's own counter: the other placements are real conversions, the
+    cache is the runtime's, and merging only ever trades more bytes for fewer reads."""
+    path = converted("tiny-arcee-relu2", "f16")
+    proc = run_cli("bench", "io", path, "--text", HELDOUT, "--tokens", "24", "--calib", CALIB, "--json", check=True)
     r = json.loads(proc.stdout)
     cfg = {(c["placement"], c["merge"], c["budget"]): c for c in r["configs"]}
-    assert len(cfg) == 3 * 2 * 3
+    assert len(cfg) == 3 * 2 * 3 and r["tokens"] == 24
     for (place, merge, budget), c in cfg.items():
-        # every missed neuron is read; merging only adds gap bytes and never adds requests
-        assert c["bytes_per_token"] >= c["useful_bytes_per_token"] > 0
-        assert c["io_s_per_token"] > 0 and c["oracle_s_per_token"] > 0
+        assert c["tokens"] == 24 and c["io_s_per_token"] > 0 and c["reads_per_token"] > 0
+        assert c["bytes_per_token"] >= c["useful_bytes_per_token"] > 0  # every missed neuron is read
+        assert 0 < c["predicted_density"] <= 1
+        # merging: never more requests (bytes may be more: gaps, or fewer: O_DIRECT pads each request to 4 KiB)
         if merge:
-            assert c["reads_per_token"] <= cfg[(place, False, budget)]["reads_per_token"]
+            assert c["merge_gap_bytes"] > 0 and c["reads_per_token"] <= cfg[(place, False, budget)]["reads_per_token"]
         else:
-            assert c["bytes_per_token"] == pytest.approx(c["useful_bytes_per_token"])
-        # placement changes how the bytes are laid out, never how many are needed
-        assert c["useful_bytes_per_token"] == pytest.approx(cfg[("identity", merge, budget)]["useful_bytes_per_token"])
-    for merge in (False, True):  # a bigger cache never means more bytes to fetch
-        assert (cfg[("coactivation", merge, 0.25)]["useful_bytes_per_token"]
-                <= cfg[("coactivation", merge, 0.0)]["useful_bytes_per_token"])
+            assert c["merge_gap_bytes"] == 0
+    for place in ("identity", "coactivation"):  # a bigger cache: more hits, never more needed bytes
+        small, big = cfg[(place, True, 0.0)], cfg[(place, True, 0.5)]
+        assert big["cache_bytes"] > small["cache_bytes"] and big["cache_hit_rate"] >= small["cache_hit_rate"]
+        assert big["useful_bytes_per_token"] <= small["useful_bytes_per_token"]
     # the converter's order needs fewer separate reads than model order on this ReLU-family model
     assert cfg[("coactivation", False, 0.0)]["reads_per_token"] < cfg[("identity", False, 0.0)]["reads_per_token"]
+    assert r["model"]["placement_in_file"] == "coactivation"
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # scratch conversions are gone
+
+
+def test_bench_io_needs_the_calibration_text(converted):
+    proc = run_cli("bench", "io", converted("tiny-arcee-relu2", "f16"), "--text", HELDOUT, "--tokens", "16")
+    assert proc.returncode == 1 and "--calib" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bench_report_writes_the_document(converted, tmp_path):
     path = converted("tiny-arcee-relu2", "f16")
     out = tmp_path / "docs" / "BENCHMARKS.md"
-    run_cli("bench", "report", path, "--text", HELDOUT, "--out", out, "--no-e2e", "--tokens", "128",
-            "--time-tokens", "4", "--curve-chunks", "1", check=True)
+    run_cli("bench", "report", path, "--text", HELDOUT, "--out", out, "--no-e2e", "--no-scale",
+            "--tokens", "16", "--calib", CALIB, "--curve-chunks", "1", check=True)
     text = out.read_text()
     assert "## Targets" in text and "Device probe" in text and "tiny-arcee-relu2" in text
     assert "Density vs perplexity" in text
@@ -110,3 +86,37 @@ def test_bench_errors_are_one_line(converted, tmp_path):
     assert proc.returncode == 1 and "--text" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("bench", "e2e", converted("tiny-arcee-relu2", "f16"), "--text", HELDOUT, "--budgets", "1,x")
     assert proc.returncode == 1 and "--budgets" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_scale_forces_densities_and_projects(tmp_path):
+    """A small random-weight model stands in for the 8B layer: the forced density is what the runtime
+    computed, cold reads cover every missed neuron, and the projections cover both model sizes."""
+    from ripple_gguf.bench.scale_report import render_scale
+    proc = run_cli("bench", "scale", "--shape", "256x1024", "--types", "f16,q4_k_m", "--work-dir", tmp_path,
+                   "--tokens", "4", "--threads", "2", "--json", check=True)
+    r = json.loads(proc.stdout)
+    assert set(r["measured"]) == {"f16", "q4_k_m"}
+    for t, m in r["measured"].items():
+        assert m["n_embd"] == 256 and m["n_ff"] == 1024 and m["n_layer"] == 2
+        for w in m["warm"]:  # every token computed exactly its top ceil(d * n_ff), all from the cache
+            assert abs(w["predicted_density"] - w["density"]) <= 1 / 1024 + 1e-9
+            if w["density"] > 0:
+                assert w["cache_hit_rate"] == 1.0
+        for c in m["cold"]:
+            assert c["reads_per_token"] > 0 and c["bytes_per_token"] >= c["useful_bytes_per_token"] > 0
+            assert c["useful_bytes_per_token"] <= c["density"] * 1024 * m["n_layer"] * m["bundle_bytes"] * 1.001
+        assert m["stock_s_per_token"] > 0 and m["dense_ffn_s_per_layer"] is not None
+    rows = r["projection"]["rows"]
+    assert {(x["model"], x["type"]) for x in rows} == {(a, b) for a in ("8B", "70B") for b in ("f16", "q4_k_m")}
+    assert all(x["tok_s"] > 0 and x["stock_tok_s"] > 0 for x in rows if x["fits"])
+    assert r["placement"]["n_ff"] == 1024 and r["placement"]["seconds"] > 0
+    text = "\n".join(render_scale(r))
+    assert "random weights" in text and "projections, not measurements" in text
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_bench_scale_refuses_bad_shapes(tmp_path):
+    proc = run_cli("bench", "scale", "--shape", "4096by14336", "--work-dir", tmp_path)
+    assert proc.returncode == 1 and "--shape" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("bench", "scale", "--types", "q5_9", "--work-dir", tmp_path)
+    assert proc.returncode == 1 and "q5_9" in proc.stderr and "Traceback" not in proc.stderr

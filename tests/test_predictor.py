@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ripple_gguf.predictor import (  # noqa: E402
-    LayerPredictor, choose_rank, evaluate, torch_threads, train_layer, tune_threshold)
+    LayerPredictor, choose_pack_rank, choose_rank, evaluate, torch_threads, train_layer, tune_threshold)
 
 
 def swiglu_layer(tokens=6000, n_embd=64, n_ff=256, seed=0):
@@ -62,6 +62,16 @@ def test_choose_rank_floor_and_budget():
     assert choose_rank(128, 512, 3 * 128 * 512 * 2) == 32           # tiny fixture: the floor binds
     r = choose_rank(4096, 14336, 3 * 4096 * 14336 * 2)              # f16 8B layer: ~5% of its bytes
     assert r % 8 == 0 and 2 * r * (4096 + 14336) <= 0.05 * 3 * 4096 * 14336 * 2
+
+
+def test_one_rank_for_a_mixed_type_file():
+    """llama.cpp's Q4_K_M keeps half the layers' ffn_down in Q6_K: at 8B size their own choices
+    differ, and a pack with two widths could not be read back (it holds one ripple.pack.pred_rank)."""
+    e, f = 4096, 14336
+    q4k, q6k = 144 / 256, 210 / 256  # bytes per weight
+    bytes_ = [int(e * f * (2 * q4k + q6k)), int(e * f * 3 * q4k)]
+    assert choose_rank(e, f, bytes_[0]) != choose_rank(e, f, bytes_[1])
+    assert choose_pack_rank(e, [f, f], bytes_) == min(choose_rank(e, f, b) for b in bytes_)
 
 
 def test_near_constant_input_dimension_keeps_scores_finite():

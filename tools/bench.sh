@@ -33,4 +33,4 @@ done
 out=build/bench/$(basename "$RELU").gguf
 convert_cached "$RELU" "$out" "$RELU/STAMP" --outtype f16 --calib models/text/calib.txt
 GGUFS+=("$out")
-.venv/bin/ripple-gguf bench report "${GGUFS[@]}" --text models/text/heldout.txt --out docs/BENCHMARKS.md "$@"
+.venv/bin/ripple-gguf bench report "${GGUFS[@]}" --text models/text/heldout.txt --calib models/text/calib.txt --out docs/BENCHMARKS.md "$@"

@@ -9,24 +9,8 @@ import json
 import resource
 import time
 
-import numpy as np
-
+from ripple_gguf.bench.scale import synthetic_activity  # the same activity `bench scale` places
 from ripple_gguf.placement import coactivation_order, frequency_order, runs_per_token
-
-
-def synthetic_activity(n_ff: int, tokens: int, seed: int = 0) -> np.ndarray:
-    """5% hot neurons, the rest in clusters of 16 that fire together, plus background noise."""
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n_ff)
-    n_hot = n_ff // 20
-    hot, rest = perm[:n_hot], perm[n_hot:]
-    clusters = rest[: len(rest) // 16 * 16].reshape(-1, 16)
-    active = rng.random((tokens, n_ff), dtype=np.float32) < 0.01
-    active[:, hot] |= rng.random((tokens, n_hot), dtype=np.float32) < 0.8
-    picks = rng.integers(0, len(clusters), (tokens, len(clusters) // 20))
-    for t in range(tokens):
-        active[t, clusters[picks[t]].ravel()] = True
-    return active
 
 
 def main():

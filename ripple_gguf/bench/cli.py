@@ -64,7 +64,9 @@ def cmd_probe(args) -> dict:
 def cmd_io(args) -> dict:
     from .io_replay import format_io, run_io
     _check_inputs(args)
-    result = run_io(args.gguf, args.text, max_tokens=args.tokens, time_tokens=args.time_tokens,
+    if args.tokens < 8:
+        raise RippleError("--tokens must be at least 8")
+    result = run_io(args.gguf, args.text, max_tokens=args.tokens, calib=args.calib,
                     io_threads=args.io_threads, direct=not args.no_direct, progress=not args.json)
     if not args.json:
         print(format_io(result))
@@ -83,6 +85,27 @@ def cmd_e2e(args) -> dict:
     return result
 
 
+def _shape(text: str) -> dict:
+    from .scale import LAYER
+    try:
+        e, f = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise RippleError(f"--shape {text!r}: write it as N_EMBDxN_FF, e.g. 4096x14336") from None
+    if e % 256 or f % 256 or e <= 0 or f <= 0:
+        raise RippleError(f"--shape {text!r}: n_embd and n_ff must be positive multiples of 256 (K-quant blocks)")
+    return {**LAYER, "n_embd": e, "n_ff": f}
+
+
+def cmd_scale(args) -> dict:
+    from .scale import format_scale, run_scale
+    types = tuple(t.strip() for t in args.types.split(",") if t.strip())
+    result = run_scale(Path(args.work_dir), types=types, layers=args.layers, tokens=args.tokens,
+                       threads=args.threads, layer=_shape(args.shape), progress=not args.json)
+    if not args.json:
+        print(format_scale(result))
+    return result
+
+
 def cmd_report(args) -> dict:
     from .report import write_report
     for g in args.gguf:
@@ -96,8 +119,9 @@ def cmd_report(args) -> dict:
     command = "ripple-gguf bench report " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if len(sys.argv) > 2 \
         else "ripple-gguf bench report"
     result = write_report(args.gguf, args.text, Path(args.out), command=command, io_tokens=args.tokens,
-                          time_tokens=args.time_tokens, e2e_kw=e2e_kw, skip_e2e=args.no_e2e,
-                          io_threads=args.io_threads, progress=not args.json, curve_chunks=args.curve_chunks)
+                          calib=args.calib, e2e_kw=e2e_kw, skip_e2e=args.no_e2e,
+                          io_threads=args.io_threads, progress=not args.json, curve_chunks=args.curve_chunks,
+                          scale_kw=None if args.no_scale else dict(work=Path(args.scale_dir), threads=args.threads))
     if not args.json:
         print(f"wrote {args.out}")
     return result
@@ -116,9 +140,12 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_probe)
 
     def io_args(q):
-        q.add_argument("--tokens", type=int, default=1024, help="held-out tokens whose reads are counted (default 1024)")
-        q.add_argument("--time-tokens", type=int, default=64, help="of those, tokens read for real, cold (default 64)")
-        q.add_argument("--io-threads", type=int, default=4, help="parallel readers, as the runtime (default 4)")
+        q.add_argument("--tokens", type=int, default=128,
+                       help="held-out tokens decoded through the runtime per configuration (default 128)")
+        q.add_argument("--io-threads", type=int, default=4, help="the runtime's parallel readers (default 4)")
+        q.add_argument("--calib", action="append", metavar="FILE",
+                       help="the calibration text a model was converted with (to build its other placements; "
+                            "not needed for self-generated calibration)")
 
     def e2e_args(q):
         q.add_argument("--budgets", default="1,0.75,0.5,0.35,0.25", help="memory budgets as fractions of the GGUF size (default 1,0.75,0.5,0.35,0.25)")
@@ -131,7 +158,7 @@ def register(sub) -> None:
         q.add_argument("--buffered-io", action="store_true",
                        help="the sparse runtime reads the pack through the page cache (default: O_DIRECT)")
 
-    i = bs.add_parser("io", help="replay held-out activation sets against each placement, cold")
+    i = bs.add_parser("io", help="held-out tokens through the runtime, cold, in each neuron placement")
     i.add_argument("gguf")
     i.add_argument("--text", required=True, metavar="FILE", help="held-out text (not the calibration text)")
     io_args(i)
@@ -146,11 +173,23 @@ def register(sub) -> None:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_e2e)
 
+    sc = bs.add_parser("scale", help="the runtime at Llama-3-8B layer size (random weights) and projected 8B/70B tokens/s")
+    sc.add_argument("--work-dir", default="build/bench/scale", help="where the converted scale models are kept (default build/bench/scale)")
+    sc.add_argument("--types", default="f16,q8_0,q4_k_m", help="weight types (default f16,q8_0,q4_k_m)")
+    sc.add_argument("--shape", default="4096x14336", help="n_embd x n_ff of each layer (default 4096x14336: Llama-3-8B)")
+    sc.add_argument("--layers", type=int, default=2, help="8B-shaped layers in the model (default 2)")
+    sc.add_argument("--tokens", type=int, default=16, help="decoded tokens per point (default 16)")
+    sc.add_argument("--threads", type=int, default=None, help="compute threads (default: the CPUs, up to 8)")
+    sc.add_argument("--json", action="store_true")
+    sc.set_defaults(func=cmd_scale)
+
     r = bs.add_parser("report", help="run probe, io and e2e on the models and write docs/BENCHMARKS.md")
     r.add_argument("gguf", nargs="+", help="converted GGUFs (each with its pack)")
     r.add_argument("--text", required=True, metavar="FILE")
     r.add_argument("--out", default="docs/BENCHMARKS.md")
     r.add_argument("--no-e2e", action="store_true", help="skip the end-to-end runs")
+    r.add_argument("--no-scale", action="store_true", help="skip `bench scale` (the 8B-layer-size section)")
+    r.add_argument("--scale-dir", default="build/bench/scale", help="where `bench scale` keeps its models")
     r.add_argument("--curve-chunks", type=int, default=4,
                    help="512-token chunks of --text for the density vs perplexity curve (default 4; 0: skip)")
     io_args(r)
