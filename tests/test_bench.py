@@ -35,7 +35,9 @@ def test_bench_io_decodes_through_the_runtime(converted):
     proc = run_cli("bench", "io", path, "--text", HELDOUT, "--tokens", "24", "--calib", CALIB, "--json", check=True)
     r = json.loads(proc.stdout)
     cfg = {(c["placement"], c["merge"], c["budget"]): c for c in r["configs"]}
-    assert len(cfg) == 3 * 2 * 3 and r["tokens"] == 24
+    assert len(cfg) == 3 * 2 * 3 and r["tokens"] == 24 and r["target_density"] == 0.5
+    assert "bench io:" in run_cli("bench", "io", path, "--text", HELDOUT, "--tokens", "8", "--calib", CALIB,
+                                  check=True).stdout  # the terminal table renders too
     for (place, merge, budget), c in cfg.items():
         assert c["tokens"] == 24 and c["io_s_per_token"] > 0 and c["reads_per_token"] > 0
         assert c["bytes_per_token"] >= c["useful_bytes_per_token"] > 0  # every missed neuron is read

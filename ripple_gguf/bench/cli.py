@@ -66,7 +66,7 @@ def cmd_io(args) -> dict:
     _check_inputs(args)
     if args.tokens < 8:
         raise RippleError("--tokens must be at least 8")
-    result = run_io(args.gguf, args.text, max_tokens=args.tokens, calib=args.calib,
+    result = run_io(args.gguf, args.text, max_tokens=args.tokens, calib=args.calib, density=args.density,
                     io_threads=args.io_threads, direct=not args.no_direct, progress=not args.json)
     if not args.json:
         print(format_io(result))
@@ -119,7 +119,7 @@ def cmd_report(args) -> dict:
     command = "ripple-gguf bench report " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if len(sys.argv) > 2 \
         else "ripple-gguf bench report"
     result = write_report(args.gguf, args.text, Path(args.out), command=command, io_tokens=args.tokens,
-                          calib=args.calib, e2e_kw=e2e_kw, skip_e2e=args.no_e2e,
+                          calib=args.calib, io_density=args.density, e2e_kw=e2e_kw, skip_e2e=args.no_e2e,
                           io_threads=args.io_threads, progress=not args.json, curve_chunks=args.curve_chunks,
                           scale_kw=None if args.no_scale else dict(work=Path(args.scale_dir), threads=args.threads))
     if not args.json:
@@ -143,6 +143,8 @@ def register(sub) -> None:
         q.add_argument("--tokens", type=int, default=128,
                        help="held-out tokens decoded through the runtime per configuration (default 128)")
         q.add_argument("--io-threads", type=int, default=4, help="the runtime's parallel readers (default 4)")
+        q.add_argument("--density", type=float, default=0.5,
+                       help="bench io runs the pack's stored operating point nearest this density (default 0.5)")
         q.add_argument("--calib", action="append", metavar="FILE",
                        help="the calibration text a model was converted with (to build its other placements; "
                             "not needed for self-generated calibration)")

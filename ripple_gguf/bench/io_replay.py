@@ -6,8 +6,9 @@
    the converter's default (Ripple's order).
 2. For each placement, neuron-cache size (the runtime's minimum, one layer; 25% and 50% of the FFN
    bytes) and merging on/off (merge_gap_bytes 0 vs the probed cost model's t0 x BW): a RippleLlama with
-   O_DIRECT reads decodes the held-out tokens one at a time (teacher-forced, the pack's default
-   operating point), and its own counters are the result: read syscalls, bytes, needed bytes, I/O
+   O_DIRECT reads decodes the held-out tokens one at a time (teacher-forced, at the stored operating
+   point nearest `density`: a pack whose default computes every neuron would read the whole FFN in
+   any order), and its own counters are the result: read syscalls, bytes, needed bytes, I/O
    seconds, cache hits, predicted density. Nothing here models the cache, the planner or the predictor.
 3. Derived from those counts: the same reads under the probed cost model and on a UFS 4.0 phone
    (facts.md), and a bound: the needed (missed) bytes in one sequential pass at the probed bandwidth.
@@ -70,8 +71,12 @@ def held_out_tokens(gguf: Path, text: str, n: int) -> list[int]:
     return [runner.bos] + tokens[:n - 1] if runner.bos is not None else tokens[:n]
 
 
+def nearest_point(pk, density: float) -> int:
+    return int(np.argmin(np.abs(np.asarray(pk.op_density, dtype=np.float64) - density)))
+
+
 def run_config(gguf: Path, tokens: list[int], cache_share: float, merge: bool, cost: CostModel, io_threads: int,
-               direct: bool, threads: int | None) -> dict:
+               direct: bool, threads: int | None, density: float) -> dict:
     """Decode `tokens` one at a time through the runtime (its cost model pinned to the bench's probe,
     merging on or off); its counters per token."""
     from ..cgroup import drop_file_cache
@@ -87,6 +92,7 @@ def run_config(gguf: Path, tokens: list[int], cache_share: float, merge: bool, c
                       merge_gap_bytes=None if merge else 0, stock_when_dense=False, resident_weights=True,
                       n_ctx=max(64, len(tokens) + 8), n_batch=8, verbose=False, **kw)
     try:
+        point = llm.ripple_set_point(nearest_point(pk, density))
         llm.ripple_reset_stats()
         for t in tokens:
             llm.eval([t])
@@ -99,16 +105,20 @@ def run_config(gguf: Path, tokens: list[int], cache_share: float, merge: bool, c
                 useful_bytes_per_token=st["useful_bytes"] / n, io_s_per_token=st["io_seconds"] / n,
                 eff_bw_mbps=st["bytes_read"] / st["io_seconds"] / 1e6 if st["io_seconds"] > 0 else None,
                 cache_hit_rate=st["cache_hit_rate"], predicted_density=st["predicted_density"],
-                merge_gap_bytes=st["merge_gap_bytes"], direct_io=st["direct_io"], tokens=st["tokens"])
+                merge_gap_bytes=st["merge_gap_bytes"], direct_io=st["direct_io"], tokens=st["tokens"],
+                point_density=point["density"], point_ppl_increase=point["ppl_increase"])
 
 
 def run_io(gguf, text_path, max_tokens: int = 128, budgets=BUDGETS, io_threads: int = 4, direct: bool = True,
+           density: float = 0.5,
            calib: list[str] | None = None, scratch_dir=None, probe_result: dict | None = None,
            threads: int | None = None, progress: bool = True) -> dict:
     from ..gguf_io import open_header, read_ffn_layout
     from ..index_keys import read_index
     from ..pack import open_pack
     gguf = Path(gguf)
+    if not 0 < density <= 1:
+        raise RippleError("--density must be in (0, 1], e.g. 0.5")
     if not gguf.is_file():
         raise RippleError(f"{gguf}: no such file; pass a GGUF made by `ripple-gguf convert`")
     if not os.path.isfile(text_path):
@@ -138,7 +148,7 @@ def run_io(gguf, text_path, max_tokens: int = 128, budgets=BUDGETS, io_threads: 
         for budget, place, merge in tqdm(grid, desc="decoding through the runtime", unit="config", leave=False,
                                          disable=not progress):
             c = dict(placement=place, merge=merge, budget=budget,
-                     **run_config(files[place], tokens, budget, merge, model, io_threads, direct, threads))
+                     **run_config(files[place], tokens, budget, merge, model, io_threads, direct, threads, density))
             c["oracle_s_per_token"] = c["useful_bytes_per_token"] / (seq_bw * 1e6)
             c["vs_oracle"] = c["io_s_per_token"] / c["oracle_s_per_token"] if c["oracle_s_per_token"] else None
             c["model_s_per_token"] = model.seconds(c["reads_per_token"], c["bytes_per_token"])
@@ -146,14 +156,14 @@ def run_io(gguf, text_path, max_tokens: int = 128, budgets=BUDGETS, io_threads: 
             configs.append(c)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    density = {p: float(np.mean([c["predicted_density"] for c in configs if c["placement"] == p])) for p in PLACEMENTS}
+    by_place = {p: float(np.mean([c["predicted_density"] for c in configs if c["placement"] == p])) for p in PLACEMENTS}
     return {
         "model": {"gguf": str(gguf), "n_layer": pack.n_layer, "n_embd": pack.n_embd, "n_ff": pack.n_ff,
                   "weight_type": pack.type_label, "bundle_bytes": pack.bundle_bytes, "ffn_bytes": pack.ffn_pack_bytes,
                   "placement_in_file": index.placement, "activation": index.activation,
                   "calib_source": index.calib_source},
-        "text": str(text_path), "tokens": len(tokens), "io_threads": io_threads,
-        "density": {"predicted": density[index.placement], "by_placement": density},
+        "text": str(text_path), "tokens": len(tokens), "io_threads": io_threads, "target_density": density,
+        "density": {"predicted": by_place[index.placement], "by_placement": by_place},
         "probe": probe_result, "cost_model": model.as_dict(), "seq_bw_mbps": seq_bw,
         "configs": configs, "headline": headline(configs),
     }
@@ -192,7 +202,8 @@ def format_io(r: dict) -> str:
     m = r["model"]
     dens = ", ".join(f"{p} {100 * d:.1f}%" for p, d in r["density"]["by_placement"].items())
     lines = [f"bench io: {Path(m['gguf']).name} ({m['weight_type']}, {m['n_layer']} layers, bundle {m['bundle_bytes']} B), "
-             f"{r['tokens']} held-out tokens decoded one at a time through the runtime, cold; predicted density {dens}",
+             f"{r['tokens']} held-out tokens decoded one at a time through the runtime, cold, at the stored operating "
+             f"point nearest density {r['target_density']:g}; predicted density {dens}",
              f"cost model at QD {r['io_threads']}: t0 {r['cost_model']['t0_us']:.1f} us, {r['cost_model']['bw_mbps']:.0f} MB/s, "
              f"merge gaps < {r['cost_model']['merge_gap_bytes']} B; sequential {r['seq_bw_mbps']:.0f} MB/s",
              f"{'cache':>9} {'placement':<12} {'merge':<5} {'reads/tok':>9} {'KiB/tok':>8} {'hit':>5} {'io ms/tok':>9} "

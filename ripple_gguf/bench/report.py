@@ -320,11 +320,12 @@ def render(result: dict, doc_dir: Path) -> str:
         L += [f"## {m['name']}", "",
               f"{md['n_layer']} layers, n_ff {md['n_ff'][0]}, n_embd {md['n_embd']}, {md['weight_type']}, "
               f"{md['bundle_bytes']} B per neuron bundle, FFN {md['ffn_bytes'] / 2**20:.1f} MiB; file order: "
-              f"{md['placement_in_file']}. Predicted density at the pack's default operating point "
-              f"{100 * io['density']['predicted']:.1f}%.", "",
+              f"{md['placement_in_file']}.", "",
               "### Cold I/O through the runtime (`ripple-gguf bench io`)", "",
               f"{io['tokens']} held-out tokens ({io['text']}) decoded one at a time by the runtime itself (RippleLlama, "
-              f"O_DIRECT, {io['io_threads']} read threads, default operating point), once per placement, neuron-cache "
+              f"O_DIRECT, {io['io_threads']} read threads, at the stored operating point nearest density "
+              f"{io.get('target_density', 0.5):g}: +{100 * np.mean([c.get('point_ppl_increase', 0) for c in io['configs']]):.1f}% "
+              "perplexity on calibration text), once per placement, neuron-cache "
               "size and merging setting; the figures are its own counters. The other placements are the same "
               f"weights converted with `--placement` and the same calibration ({md.get('calib_source', '')}). Cache: "
               "the runtime's (half pinned to the hottest neurons, half S3-FIFO); the smallest is its minimum, one "
@@ -375,7 +376,7 @@ def render(result: dict, doc_dir: Path) -> str:
 
 
 def write_report(ggufs: list[str], text: str, out: Path, *, command: str, io_tokens: int = 128,
-                 calib: list[str] | None = None, e2e_kw: dict | None = None, skip_e2e: bool = False,
+                 calib: list[str] | None = None, io_density: float = 0.5, e2e_kw: dict | None = None, skip_e2e: bool = False,
                  io_threads: int = 4, progress: bool = True, curve_chunks: int = 4,
                  scale_kw: dict | None = None) -> dict:
     """Every mode on every model, then (scale_kw not None) `bench scale`; one JSON, one document."""
@@ -396,7 +397,7 @@ def write_report(ggufs: list[str], text: str, out: Path, *, command: str, io_tok
     for g in ggufs:
         name = Path(g).stem
         print(f"bench io: {name}", file=sys.stderr)
-        io = run_io(g, text, max_tokens=io_tokens, calib=calib, io_threads=io_threads,
+        io = run_io(g, text, max_tokens=io_tokens, calib=calib, density=io_density, io_threads=io_threads,
                     probe_result=probe, progress=progress)
         m = {"name": name, "family": family(io), "io": io, "plot_io": f"bench/{name}-io.png"}
         plot_io(io, out.parent / m["plot_io"], f"{name}: cold FFN I/O per token")
