@@ -1,6 +1,8 @@
 """Where calibration tokens come from: the user's text files, or text the model writes itself."""
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Iterator
 
@@ -102,6 +104,17 @@ def generate_batches(runner, n_tokens: int, seed: int, sequences: list[list[int]
     finally:
         bar.close()
     sequences.extend(c[1:] for c in cur if len(c) > 1)
+
+
+def self_generated_source(n_tokens: int, seed: int) -> str:
+    """How the index records self-generated calibration (ripple.calib.source)."""
+    return f"self-generated ({n_tokens} tokens, seed {seed})"
+
+
+def parse_self_generated(source: str) -> tuple[int, int] | None:
+    """(tokens, seed) of a self_generated_source() label; None for text calibration."""
+    m = re.fullmatch(r"self-generated \((\d+) tokens, seed (\d+)\)", source or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def self_generated_tokens(model_path: Path, n_tokens: int, n_ctx: int, seed: int = 0) -> list[int]:

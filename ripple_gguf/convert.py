@@ -22,7 +22,8 @@ from gguf import GGMLQuantizationType as QT
 from tqdm import tqdm
 
 from . import ggml_quant
-from .calib import warn_if_starved, GEN_SEQS, MIN_CALIB_TOKENS, generate_batches, read_text_files
+from .calib import (warn_if_starved, GEN_SEQS, MIN_CALIB_TOKENS, generate_batches, read_text_files,
+                    self_generated_source)
 from .errors import RippleError
 from .gguf_io import (check_model, convert_down, down_target_type, open_header,
                       read_ffn_layout, tensor_bytes, write_converted)
@@ -124,7 +125,7 @@ def _calibration(runner: LlamaRunner, opts: ConvertOptions, text: str | None, se
     held = max(1, round(n_seq * opts.heldout_fraction)) if n_seq > 1 else 0
     log(f"profiling {n} tokens the model samples itself ({n_seq} sequences at a time; {held} held out)")
     return (generate_batches(runner, n, opts.seed, sequences, held_seqs=held),
-            f"self-generated ({n} tokens, seed {opts.seed})", n)
+            self_generated_source(n, opts.seed), n)
 
 
 def convert(src: str, out: str | Path, opts: ConvertOptions, log=print, file: str | None = None) -> dict:

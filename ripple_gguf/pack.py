@@ -332,6 +332,17 @@ class Pack:
         return max(self.layer_bundle_bytes)
 
     @property
+    def min_cache_bytes(self) -> int:
+        """The smallest neuron cache the runtime accepts: one whole layer of slots."""
+        return max(self.n_ff) * self.bundle_bytes
+
+    @property
+    def every_slot_bytes(self) -> int:
+        """A neuron cache with a slot for every neuron (slots are the largest record's size, so a
+        mixed-type file needs more than its FFN bytes)."""
+        return sum(self.n_ff) * self.bundle_bytes
+
+    @property
     def ffn_pack_bytes(self) -> int:
         return sum(n * b for n, b in zip(self.n_ff, self.layer_bundle_bytes))
 

@@ -140,7 +140,7 @@ def budget_bytes(pack: Pack, opts: RippleOptions) -> int:
     if sum(v is not None for v in (opts.memory_budget, opts.cache_size, opts.cache_ratio)) > 1:
         raise RippleError("pass one of a memory budget, a cache size or a cache ratio, not several")
     ffn = sum(n * pack.bundle_bytes for n in pack.n_ff)
-    minimum = max(pack.n_ff) * pack.bundle_bytes
+    minimum = pack.min_cache_bytes
     if opts.cache_ratio is not None:
         if not 0.0 < opts.cache_ratio <= 1.0:
             raise RippleError("--cache-ratio must be in (0, 1], e.g. 0.25")
@@ -267,7 +267,7 @@ class RippleLlama(llama_cpp.Llama):
             from .memory_budget import default_cache_budget, non_ffn_fits
             default_cache, split = default_cache_budget(
                 model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
-                max(pack.n_ff) * pack.bundle_bytes, predictor_bytes(pack, point, stock_when_dense),
+                pack.min_cache_bytes, predictor_bytes(pack, point, stock_when_dense),
                 total=None if opts.memory_budget is None else parse_size(opts.memory_budget))
             if opts.cache_size is None and opts.cache_ratio is None:
                 budget, self.ripple_budget_split = default_cache, split
@@ -415,6 +415,9 @@ class RippleLlama(llama_cpp.Llama):
         d["predicted_density"] = d["active_neurons"] / d["total_neurons"] if d["total_neurons"] else 0.0
         d["reads_per_token"] = d["reads"] / d["tokens"] if d["tokens"] else 0.0
         d["bytes_per_token"] = d["bytes_read"] / d["tokens"] if d["tokens"] else 0.0
+        d["useful_bytes_per_token"] = d["useful_bytes"] / d["tokens"] if d["tokens"] else 0.0
+        d["io_seconds_per_token"] = d["io_seconds"] / d["tokens"] if d["tokens"] else 0.0
+        d["read_mbps"] = d["bytes_read"] / d["io_seconds"] / 1e6 if d["io_seconds"] > 0 else None
         d["pack"] = str(self.ripple_pack.path)
         d["non_ffn_weights"] = self.ripple_non_ffn
         return d
@@ -430,15 +433,21 @@ class RippleLlama(llama_cpp.Llama):
             raise RippleError(f"operating point {index} needs the predictors, which a load at the dense point leaves "
                               "out; load with stock_when_dense=False (or the CLI's --quality) to move between points")
         if index != pk.op_default or self.ripple_point is not None:
-            lib = ripple_lib()
-            if not hasattr(lib, "llama_ripple_set_floor"):
-                raise RippleError("this llama-cpp-python build cannot change operating points; run tools/setup.sh")
-            thr = np.ascontiguousarray(pk.op_thresholds[index] + np.float32(self._threshold_offset), dtype=np.float32)
-            if (lib.llama_ripple_set_thresholds(self.model, thr.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(thr)) != 0
-                    or lib.llama_ripple_set_floor(self.model, float(pk.op_floor[index])) != 0):
-                raise RippleError("the runtime refused the operating point's thresholds")
+            self.ripple_set_selection(pk.op_thresholds[index] + np.float32(self._threshold_offset), pk.op_floor[index])
         self.ripple_point = _point_info(pk, index)
         return self.ripple_point
+
+    def ripple_set_selection(self, thresholds, floor: float) -> None:
+        """Per-layer predictor thresholds and the per-token floor share (every token computes at least
+        its top ceil(floor * n_ff) neurons by score), between decodes. ripple_set_point uses the pack's
+        stored pairs; thresholds out of reach with floor d force exactly the top-d (bench scale)."""
+        lib = ripple_lib()
+        if not hasattr(lib, "llama_ripple_set_floor"):
+            raise RippleError("this llama-cpp-python build cannot change operating points; run tools/setup.sh")
+        thr = np.ascontiguousarray(thresholds, dtype=np.float32)
+        if (lib.llama_ripple_set_thresholds(self.model, thr.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(thr)) != 0
+                or lib.llama_ripple_set_floor(self.model, float(floor)) != 0):
+            raise RippleError("the runtime refused the thresholds or the floor")
 
     def ripple_reset_stats(self) -> None:
         if self.ripple_active:

@@ -19,6 +19,13 @@ def test_fit_recovers_a_known_cost_model():
     assert m.merge_gap_bytes == int(80e-6 * 1.5e9)  # merge when the gap costs less than a request
 
 
+def test_self_generated_calibration_label_round_trips():
+    """bench io rebuilds the other placements from the calibration a GGUF's index records."""
+    from ripple_gguf.calib import parse_self_generated, self_generated_source
+    assert parse_self_generated(self_generated_source(8192, 3)) == (8192, 3)
+    assert parse_self_generated("calib.txt") is None
+
+
 def test_bench_probe_cli(tmp_path):
     proc = run_cli("bench", "probe", "--dir", tmp_path, "--size", "16MiB", "--json", check=True)
     r = json.loads(proc.stdout)

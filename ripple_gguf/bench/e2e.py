@@ -162,8 +162,8 @@ def model_info(gguf: str, text_path: str, need_tokens: int) -> dict:
     info = {"gguf": os.path.abspath(gguf), "gguf_bytes": os.path.getsize(gguf), "ffn_bytes": ffn,
             "non_ffn_bytes": other, "pack": os.path.abspath(pack.path), "pack_bytes": pack.file_bytes,
             "predictor_bytes": predictor_bytes(pack, pack.op_default), "n_layer": pack.n_layer, "n_ff": list(pack.n_ff),
-            "min_cache_bytes": max(pack.n_ff) * pack.bundle_bytes,
-            "max_cache_bytes": sum(pack.n_ff) * pack.bundle_bytes}
+            "min_cache_bytes": pack.min_cache_bytes,
+            "max_cache_bytes": pack.every_slot_bytes}
     import llama_cpp
     from llama_cpp._internals import LlamaModel
     params = llama_cpp.llama_model_default_params()

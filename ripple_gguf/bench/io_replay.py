@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -36,9 +35,10 @@ BUDGETS = (0.0, 0.25, 0.5)  # share of the FFN bytes; 0 = the runtime's minimum 
 def calibration_of(index, calib: list[str] | None) -> dict:
     """ConvertOptions fields that repeat the calibration a GGUF's index records: self-generated text
     (its token count and seed), or the text files named there, which the caller passes as `calib`."""
-    m = re.match(r"self-generated \((\d+) tokens, seed (\d+)\)", index.calib_source or "")
-    if m:
-        return dict(calib=[], calib_tokens=int(m.group(1)), seed=int(m.group(2)))
+    from ..calib import parse_self_generated
+    generated = parse_self_generated(index.calib_source)
+    if generated:
+        return dict(calib=[], calib_tokens=generated[0], seed=generated[1])
     if not calib:
         raise RippleError(f"the GGUF was calibrated on {index.calib_source!r}; pass that text with --calib "
                           "so the other placements are built from the same calibration")
@@ -75,19 +75,16 @@ def nearest_point(pk, density: float) -> int:
     return int(np.argmin(np.abs(np.asarray(pk.op_density, dtype=np.float64) - density)))
 
 
-def run_config(gguf: Path, tokens: list[int], cache_share: float, merge: bool, cost: CostModel, io_threads: int,
+def run_config(gguf: Path, pk, tokens: list[int], cache_share: float, merge: bool, cost: CostModel, io_threads: int,
                direct: bool, threads: int | None, density: float) -> dict:
     """Decode `tokens` one at a time through the runtime (its cost model pinned to the bench's probe,
-    merging on or off); its counters per token."""
+    merging on or off; `pk` the GGUF's pack, verified once); its counters per token."""
     from ..cgroup import drop_file_cache
-    from ..pack import open_pack
     from ..runtime import RippleLlama
-    pk = open_pack(gguf)
-    minimum = max(pk.n_ff) * pk.bundle_bytes
-    cache = max(minimum, int(cache_share * pk.ffn_pack_bytes))
+    cache = max(pk.min_cache_bytes, int(cache_share * pk.ffn_pack_bytes))
     drop_file_cache(pk.path)
     kw = dict(n_threads=threads) if threads else {}
-    llm = RippleLlama(str(gguf), cache_size=cache, io_threads=io_threads, direct_io=direct,
+    llm = RippleLlama(str(gguf), pack=pk, cache_size=cache, io_threads=io_threads, direct_io=direct,
                       t0_us=cost.t0_us, bw_mbps=cost.bw_mbps,
                       merge_gap_bytes=None if merge else 0, stock_when_dense=False, resident_weights=True,
                       n_ctx=max(64, len(tokens) + 8), n_batch=8, verbose=False, **kw)
@@ -99,12 +96,10 @@ def run_config(gguf: Path, tokens: list[int], cache_share: float, merge: bool, c
         st = llm.ripple_stats()
     finally:
         llm.close()
-    n = max(st["tokens"], 1)
     return dict(cache_bytes=st["cache_bytes"], cache_share=st["cache_bytes"] / st["ffn_bytes"],
-                reads_per_token=st["reads"] / n, bytes_per_token=st["bytes_read"] / n,
-                useful_bytes_per_token=st["useful_bytes"] / n, io_s_per_token=st["io_seconds"] / n,
-                eff_bw_mbps=st["bytes_read"] / st["io_seconds"] / 1e6 if st["io_seconds"] > 0 else None,
-                cache_hit_rate=st["cache_hit_rate"], predicted_density=st["predicted_density"],
+                reads_per_token=st["reads_per_token"], bytes_per_token=st["bytes_per_token"],
+                useful_bytes_per_token=st["useful_bytes_per_token"], io_s_per_token=st["io_seconds_per_token"],
+                eff_bw_mbps=st["read_mbps"], cache_hit_rate=st["cache_hit_rate"], predicted_density=st["predicted_density"],
                 merge_gap_bytes=st["merge_gap_bytes"], direct_io=st["direct_io"], tokens=st["tokens"],
                 point_density=point["density"], point_ppl_increase=point["ppl_increase"])
 
@@ -115,7 +110,7 @@ def run_io(gguf, text_path, max_tokens: int = 128, budgets=BUDGETS, io_threads: 
            threads: int | None = None, progress: bool = True) -> dict:
     from ..gguf_io import open_header, read_ffn_layout
     from ..index_keys import read_index
-    from ..pack import open_pack
+    from ..runtime import verified_pack
     gguf = Path(gguf)
     if not 0 < density <= 1:
         raise RippleError("--density must be in (0, 1], e.g. 0.5")
@@ -129,7 +124,7 @@ def run_io(gguf, text_path, max_tokens: int = 128, budgets=BUDGETS, io_threads: 
         raise RippleError(f"{gguf} has no ripple index; convert it with `ripple-gguf convert`")
     if index.placement not in PLACEMENTS:
         raise RippleError(f"{gguf} uses placement {index.placement!r}; bench io compares {', '.join(PLACEMENTS)}")
-    pack = open_pack(gguf)
+    pack = verified_pack(str(gguf))
     text = Path(text_path).read_text(encoding="utf-8", errors="replace")
     tokens = held_out_tokens(gguf, text, max_tokens)
 
@@ -143,12 +138,13 @@ def run_io(gguf, text_path, max_tokens: int = 128, budgets=BUDGETS, io_threads: 
         seq_bw = probe_result["seq_bw_mbps"]
         ufs = CostModel(iocost.UFS40["t0_us"], iocost.UFS40["bw_mbps"])
         files = placement_ggufs(gguf, index, scratch, calib, progress)
+        packs = {place: pack if path == gguf else verified_pack(str(path)) for place, path in files.items()}
         configs = []
         grid = [(b, p, m) for b in budgets for p in PLACEMENTS for m in (False, True)]
         for budget, place, merge in tqdm(grid, desc="decoding through the runtime", unit="config", leave=False,
                                          disable=not progress):
             c = dict(placement=place, merge=merge, budget=budget,
-                     **run_config(files[place], tokens, budget, merge, model, io_threads, direct, threads, density))
+                     **run_config(files[place], packs[place], tokens, budget, merge, model, io_threads, direct, threads, density))
             c["oracle_s_per_token"] = c["useful_bytes_per_token"] / (seq_bw * 1e6)
             c["vs_oracle"] = c["io_s_per_token"] / c["oracle_s_per_token"] if c["oracle_s_per_token"] else None
             c["model_s_per_token"] = model.seconds(c["reads_per_token"], c["bytes_per_token"])

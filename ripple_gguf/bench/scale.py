@@ -126,19 +126,13 @@ def _decode_seconds(llm, n: int, first: int = 100) -> float:
 
 def force_density(llm, d: float) -> None:
     """Every token computes exactly its top ceil(d * n_ff) neurons of each layer by predictor score."""
-    import ctypes
-    from ..runtime import ripple_lib
-    lib, n = ripple_lib(), llm.ripple_pack.n_layer
-    thr = (ctypes.c_float * n)(*([FORCED] * n))
-    if lib.llama_ripple_set_thresholds(llm.model, thr, n) != 0 or lib.llama_ripple_set_floor(llm.model, float(d)) != 0:
-        raise RippleError("this build cannot force a density; run tools/setup.sh")
+    llm.ripple_set_selection([FORCED] * llm.ripple_pack.n_layer, d)
 
 
 def measure_type(gguf: Path, densities, n_tok: int, threads: int, cost: CostModel) -> dict:
     from ..gguf_io import open_header
-    from ..pack import open_pack
-    from ..runtime import RippleLlama
-    pk = open_pack(gguf)
+    from ..runtime import RippleLlama, verified_pack
+    pk = verified_pack(str(gguf))  # once: every load below reuses it
     header = open_header(gguf)
     ffn_layer = pk.n_ff[0] * pk.layer_bundle_bytes[0]
     common = dict(n_ctx=n_tok + 16, n_threads=threads, n_batch=8, verbose=False)
@@ -148,8 +142,7 @@ def measure_type(gguf: Path, densities, n_tok: int, threads: int, cost: CostMode
     finally:
         llm.close()
     warm = []
-    every_slot = sum(pk.n_ff) * pk.bundle_bytes  # a slot holds the largest record: mixed types need more than the FFN
-    llm = RippleLlama(str(gguf), cache_size=every_slot, stock_when_dense=False, resident_weights=True, **common)
+    llm = RippleLlama(str(gguf), pack=pk, cache_size=pk.every_slot_bytes, stock_when_dense=False, resident_weights=True, **common)
     try:
         force_density(llm, 1.0)
         _decode_seconds(llm, 1)  # every neuron into the cache (the load's warm-up fills only part of it)
@@ -163,14 +156,14 @@ def measure_type(gguf: Path, densities, n_tok: int, threads: int, cost: CostMode
                              cache_hit_rate=st["cache_hit_rate"]))
     finally:
         llm.close()
-    llm = RippleLlama(str(gguf), cache_size=every_slot, all_active=True, stock_when_dense=False, resident_weights=True, **common)
+    llm = RippleLlama(str(gguf), pack=pk, cache_size=pk.every_slot_bytes, all_active=True, stock_when_dense=False, resident_weights=True, **common)
     try:
         _decode_seconds(llm, 2)
         all_active = _decode_seconds(llm, n_tok)
     finally:
         llm.close()
     cold = []
-    llm = RippleLlama(str(gguf), cache_size=max(pk.n_ff) * pk.bundle_bytes, direct_io=True, warm_cache=False,
+    llm = RippleLlama(str(gguf), pack=pk, cache_size=pk.min_cache_bytes, direct_io=True, warm_cache=False,
                       t0_us=cost.t0_us, bw_mbps=cost.bw_mbps, stock_when_dense=False, resident_weights=True, **common)
     try:
         for d in densities[1:]:
@@ -178,12 +171,10 @@ def measure_type(gguf: Path, densities, n_tok: int, threads: int, cost: CostMode
             llm.ripple_reset_stats()
             s = _decode_seconds(llm, n_tok)
             st = llm.ripple_stats()
-            n = max(st["tokens"], 1)
-            cold.append(dict(density=d, s_per_token=s, io_s_per_token=st["io_seconds"] / n,
-                             reads_per_token=st["reads"] / n, bytes_per_token=st["bytes_read"] / n,
-                             useful_bytes_per_token=st["useful_bytes"] / n, cache_hit_rate=st["cache_hit_rate"],
-                             read_mbps=st["bytes_read"] / st["io_seconds"] / 1e6 if st["io_seconds"] > 0 else None,
-                             direct_io=st["direct_io"]))
+            cold.append(dict(density=d, s_per_token=s, io_s_per_token=st["io_seconds_per_token"],
+                             reads_per_token=st["reads_per_token"], bytes_per_token=st["bytes_per_token"],
+                             useful_bytes_per_token=st["useful_bytes_per_token"], cache_hit_rate=st["cache_hit_rate"],
+                             read_mbps=st["read_mbps"], direct_io=st["direct_io"]))
     finally:
         llm.close()
     t0 = warm[0]["s_per_token"] if warm[0]["density"] == 0 else None
