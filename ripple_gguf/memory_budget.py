@@ -91,6 +91,7 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
                           f"pass --memory-budget {-(-need // MIB)}MiB or more, or a smaller --ctx")
     cache = int(min(ffn_pack_bytes, max(minimum, left)))
     split.update(headroom=headroom(avail), ffn_room=room, cache=cache)
+    split["below_minimum"] = left < minimum
     if left < minimum:
         split["note"] = "less memory than one layer's working set needs: running at the minimum cache"
     return cache, split

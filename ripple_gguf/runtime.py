@@ -340,6 +340,19 @@ class RippleLlama(llama_cpp.Llama):
         from .memory_budget import MIB, whole_model_fits
         split = self.ripple_budget_split  # None when --cache-size/--cache-ratio was given
         density = float(pack.op_density[point])
+        if split is not None and opts.memory_budget is None and not opts.all_active and split.get("below_minimum"):
+            # Not even the pack path's fixed memory plus one layer of cache fits what is available: its
+            # cache, predictors and buffers cannot be reclaimed, stock's mapped weights can (ReLU2 bench
+            # model at 25% of its size in a cgroup: default settings were OOM-killed on the pack path).
+            # The allowances are estimates (memory_budget.py), so near the edge this errs towards stock.
+            self.ripple_dense_reason = (
+                f"the pack path's fixed memory and one layer of neuron cache do not fit in the "
+                f"{split['available'] / MIB:.0f} MiB available ({split['available_from']}): llama.cpp's stock "
+                "path, whose mapped weights the kernel can reclaim (slower, but never killed for memory); pass "
+                "--cache-size to force the pack path")
+            super().__init__(model_path, **kwargs)
+            self.ripple_point = {**_point_info(pack, point), "path": "stock"}
+            return True
         if opts.all_active or opts.memory_budget is not None or split is None or density < STOCK_PATH_DENSITY:
             return False
         if resident and not whole_model_fits(split):

@@ -114,6 +114,42 @@ def test_all_neurons_active_quantized_is_as_exact_as_dense(packed, model, outtyp
     assert agree >= 0.85
 
 
+def token_by_token_logits(llm, prompt_list) -> np.ndarray:
+    """all_logits, but every prompt fed one token per decode (the runtime's fused decode path)."""
+    out = []
+    for toks in prompt_list:
+        llm.reset()
+        for t in toks:
+            llm.eval([t])
+        out.append(np.array(llm.scores[:len(toks)], dtype=np.float64))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("model", FIXTURES)
+def test_batched_and_token_by_token_agree_at_several_thread_counts(packed, model):
+    # decode (up to 8 tokens) computes act and down in one pass per neuron with per-thread partial
+    # sums; prompts take the act-then-down path with the output columns split across threads.
+    # Both, at any thread count, must give the same model (predictor on: the selection itself may
+    # differ at the threshold by the predictor's own rounding, so logits agree to a tolerance).
+    path = packed(model, "f32")
+    res = {}
+    for threads in (1, 3):
+        llm = RippleLlama(path, logits_all=True, **PACK, **{**KW, "n_threads": threads, "n_threads_batch": threads})
+        ps = prompts(llm, n=2, length=40)
+        res[threads] = (all_logits(llm, ps), token_by_token_logits(llm, ps))
+        st = llm.ripple_stats()
+        llm.close()
+        assert st["mode"] == "sparse" and st["predicted_density"] < 1.0 and not st["error"]
+    ref = res[1][0]
+    scale = np.abs(ref).max()
+    for threads, (batched, single) in res.items():
+        for name, got in (("batched", batched), ("token by token", single)):
+            rel = float(np.abs(got - ref).max() / scale)
+            agree = float((got.argmax(1) == ref.argmax(1)).mean())
+            print(f"{model} {threads} threads {name}: max rel diff {rel:.2e}, argmax agreement {agree:.3f}")
+            assert rel <= 1e-3 and agree >= 0.99, (threads, name, rel, agree)  # measured <= 1e-4, 1.0
+
+
 def test_direct_io_and_a_one_layer_cache_compute_the_same(packed):
     path = packed("tiny-arcee-relu2", "f16")
     pk = open_pack(path)
@@ -363,6 +399,21 @@ def test_every_neuron_with_a_partial_cache_reads_only_what_it_misses(packed):
     assert st["reads_per_token"] <= 2 * pk.n_layer  # one tail per layer (split only at 4 MiB)
 
 
+def test_a_cache_that_holds_the_whole_ffn_is_filled_at_load(packed):
+    """With a slot for every neuron nothing is ever evicted: the load fills it whole, so decoding
+    never waits on a read (it used to keep one layer of slots free and miss ~2% of neurons)."""
+    path = packed("tiny-llama-swiglu", "f32")
+    pk = open_pack(path)
+    llm = RippleLlama(path, cache_size=pk.every_slot_bytes, **KW)
+    llm.ripple_reset_stats()
+    for tok in llm.tokenize(b"def f(x):\n    return x + 1"):
+        llm.eval([tok])
+    st = llm.ripple_stats()
+    llm.close()
+    assert st["mode"] == "sparse" and st["predicted_density"] < 1.0
+    assert st["cache_hits"] > 0 and st["cache_misses"] == 0 and st["bytes_read"] == 0
+
+
 # --- bad input -------------------------------------------------------------------------------------
 
 def copy_model(src: Path, dst_dir: Path, with_pack: bool = True) -> Path:
@@ -544,7 +595,9 @@ def test_serve_is_openai_compatible_on_loopback(packed):
 @pytest.mark.slow
 def test_default_settings_run_in_a_cgroup_smaller_than_the_model(big_model):
     """`ripple-gguf run model.gguf` with no budget flags on a machine with less memory than the model:
-    the default cache comes from the cgroup's limit (not the whole FFN), and the run completes."""
+    the default cache comes from the cgroup's limit (not the whole FFN), and the run completes. (Here
+    the fixed allowances plus one layer of cache exceed what the cgroup leaves, so the run takes the
+    stock path and says why; the pack path at its minimum cache had peaked at 155 MiB of 170.)"""
     from ripple_gguf.cgroup import MemoryCgroup
     from ripple_gguf.memory_budget import gguf_ffn_split
     ffn, other = gguf_ffn_split(str(big_model))
@@ -564,6 +617,7 @@ def test_default_settings_run_in_a_cgroup_smaller_than_the_model(big_model):
     split = res["memory"]["budget_split"]
     assert "memory cgroup" in split["available_from"] and split["available"] <= limit
     assert split["cache"] < ffn and len(res["tokens"]) == 16
+    assert res["mode"] == "sparse" or "do not fit" in res["ripple"]["reason"]
 
 
 def test_available_memory_sees_the_cgroup_limit():
@@ -644,4 +698,30 @@ def test_dense_point_leaves_the_predictors_out(packed):
     assert not llm.ripple_stats()["all_active"] and llm.ripple_stats()["overhead_bytes"] > pk.predictor_bytes
     assert llm.create_completion("def ", max_tokens=8, temperature=0.0)["choices"][0]["text"] == dense_text
     llm.ripple_set_point(1)
+    llm.close()
+
+
+def test_defaults_take_the_stock_path_when_not_even_one_layer_of_cache_fits(packed, monkeypatch):
+    """Default settings where the pack path's fixed memory plus one layer of cache do not fit what is
+    available: llama.cpp's stock path (its mapped weights are reclaimable), saying why, instead of a
+    pack path that a memory limit kills (ReLU2 bench model at 25% of its size in a cgroup)."""
+    import ripple_gguf.memory_budget as mb
+    path = packed("tiny-arcee-relu2", "f16")
+    monkeypatch.setattr(mb, "available_memory", lambda: (48 * 2**20, "a 48 MiB test limit"))
+    llm = RippleLlama(path, **KW)
+    st = llm.ripple_stats()
+    reason = llm.ripple_dense_reason
+    assert llm.ripple_budget_split["below_minimum"]
+    text = llm.create_completion("def ", max_tokens=4, temperature=0.0)["choices"][0]["text"]
+    llm.close()
+    assert st["mode"] == "dense" and "do not fit in the 48 MiB available" in reason and "--cache-size" in reason
+    assert text
+    # a cache size given keeps the pack path (the user asked for it), as does room for the minimum
+    pk = open_pack(path)
+    llm = RippleLlama(path, cache_size=pk.min_cache_bytes, **KW)
+    assert llm.ripple_stats()["mode"] == "sparse"
+    llm.close()
+    monkeypatch.setattr(mb, "available_memory", lambda: (8 * 2**30, "8 GiB"))
+    llm = RippleLlama(path, **KW)
+    assert llm.ripple_stats()["mode"] == "sparse" and not llm.ripple_budget_split["below_minimum"]
     llm.close()
