@@ -26,8 +26,11 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     m.add_argument("--memory-budget", metavar="SIZE",
                    help="everything the process may use, e.g. 1GiB (default: what this machine or its memory cgroup "
                         "has available); the neuron cache gets what is left after non-FFN weights, KV cache, compute "
-                        "buffers and 10%% headroom, at most the whole FFN (`run --verbose` prints the split)")
-    m.add_argument("--cache-size", metavar="SIZE", help="the neuron cache alone, e.g. 256MiB (instead of a memory budget)")
+                        "buffers and 10%% headroom, at most the whole FFN (`run --verbose` prints the split); without "
+                        "it, where not even one layer of cache fits, llama.cpp's stock path runs (its mapped weights "
+                        "are reclaimable: slower, never killed for memory)")
+    m.add_argument("--cache-size", metavar="SIZE",
+                   help="the neuron cache alone, e.g. 256MiB (instead of a memory budget; keeps the pack path)")
     m.add_argument("--cache-ratio", type=float, metavar="R", help="neuron cache as a share of the FFN bytes, e.g. 0.25")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--resident-weights", dest="resident_weights", action="store_const", const=True, default=None,
@@ -42,7 +45,12 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context size (default: 2048, or the model's if smaller)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: llama-cpp-python's)")
     p.add_argument("--io-threads", type=int, default=4, help="parallel pread workers (default 4)")
-    p.add_argument("--direct-io", action="store_true", help="read the pack with O_DIRECT (bypass the page cache)")
+    d = p.add_mutually_exclusive_group()
+    d.add_argument("--direct-io", dest="direct_io", action="store_const", const=True, default=None,
+                   help="read the pack with O_DIRECT, bypassing the page cache (default: where the model does not "
+                        "fit in the memory available; buffered reads would keep a second copy of the cache there)")
+    d.add_argument("--buffered-io", dest="direct_io", action="store_const", const=False,
+                   help="read the pack through the page cache even where the model does not fit")
     p.add_argument("--all-active", action="store_true", help="debug: predictor off, every neuron computed")
     p.add_argument("--pin-percent", type=int, default=None,
                    help="share of the cache pinned to hot neurons (default 50; 100 where every neuron is computed)")

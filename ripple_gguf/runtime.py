@@ -123,7 +123,7 @@ class RippleOptions:
     cache_size: int | str | None = None      # or: the neuron cache alone
     cache_ratio: float | None = None         # or: the neuron cache as this share of the FFN bytes
     io_threads: int = 4
-    direct_io: bool = False
+    direct_io: bool | None = None            # O_DIRECT pack reads (None: where the model does not fit)
     all_active: bool = False                 # debug: predictor off, every neuron computed
     pin_percent: int | None = None
     t0_us: float | None = None               # cost-model overrides (default: probed at load)
@@ -206,6 +206,15 @@ def _non_ffn_resident(asked: bool | None, fits: bool, kwargs) -> tuple[bool, str
     return resident, "resident" if resident else f"mapped ({why})"
 
 
+def _direct_by_default(split: dict | None) -> bool:
+    """Read the pack with O_DIRECT unless asked otherwise? Where the model does not fit in the memory
+    available: buffered reads would keep a second copy of what the neuron cache holds in the page cache,
+    charged to the same memory limit and pushing out the mapped weights. Not when a cache size was given
+    (no split) or the available memory is unknown."""
+    from .memory_budget import whole_model_fits
+    return split is not None and split.get("ffn_room") is not None and not whole_model_fits(split)
+
+
 def _point_info(pk: Pack, index: int) -> dict:
     return {"index": index, "density": float(pk.op_density[index]), "floor": float(pk.op_floor[index]),
             "ppl_increase": float(pk.op_ppl_increase[index]), "default": index == pk.op_default}
@@ -237,7 +246,7 @@ class RippleLlama(llama_cpp.Llama):
     def __init__(self, model_path: str, *, pack_path: str | None = None, pack: Pack | None = None,
                  memory_budget: int | str | None = None, cache_size: int | str | None = None,
                  cache_ratio: float | None = None, dense: bool = False, dense_fallback: bool = False,
-                 all_active: bool = False, io_threads: int = 4, direct_io: bool = False, pin_percent: int | None = None,
+                 all_active: bool = False, io_threads: int = 4, direct_io: bool | None = None, pin_percent: int | None = None,
                  t0_us: float | None = None, bw_mbps: float | None = None, merge_gap_bytes: int | None = None,
                  threshold_offset: float = 0.0, warm_cache: bool = True, quality=None,
                  stock_when_dense: bool = True, resident_weights: bool | None = None, **kwargs):
@@ -272,6 +281,8 @@ class RippleLlama(llama_cpp.Llama):
             if opts.cache_size is None and opts.cache_ratio is None:
                 budget, self.ripple_budget_split = default_cache, split
             resident, non_ffn = _non_ffn_resident(resident_weights, non_ffn_fits(split, budget), kwargs)
+            if direct_io is None:
+                direct_io = _direct_by_default(self.ripple_budget_split)
             if stock_when_dense and self._stock_is_the_same(model_path, pack, point, opts, kwargs, resident):
                 return
             lib = ripple_lib()

@@ -114,20 +114,20 @@ def test_all_neurons_active_quantized_is_as_exact_as_dense(packed, model, outtyp
     assert agree >= 0.85
 
 
-def token_by_token_logits(llm, prompt_list) -> np.ndarray:
-    """all_logits, but every prompt fed one token per decode (the runtime's fused decode path)."""
+def chunked_logits(llm, prompt_list, chunk: int) -> np.ndarray:
+    """all_logits, but every prompt fed `chunk` tokens per decode (up to 8: the runtime's fused path)."""
     out = []
     for toks in prompt_list:
         llm.reset()
-        for t in toks:
-            llm.eval([t])
+        for i in range(0, len(toks), chunk):
+            llm.eval(toks[i:i + chunk])
         out.append(np.array(llm.scores[:len(toks)], dtype=np.float64))
     return np.concatenate(out)
 
 
 @pytest.mark.parametrize("model", FIXTURES)
 def test_batched_and_token_by_token_agree_at_several_thread_counts(packed, model):
-    # decode (up to 8 tokens) computes act and down in one pass per neuron with per-thread partial
+    # decode (up to 8 tokens per batch) computes act and down in one pass per neuron with per-thread partial
     # sums; prompts take the act-then-down path with the output columns split across threads.
     # Both, at any thread count, must give the same model (predictor on: the selection itself may
     # differ at the threshold by the predictor's own rounding, so logits agree to a tolerance).
@@ -136,14 +136,14 @@ def test_batched_and_token_by_token_agree_at_several_thread_counts(packed, model
     for threads in (1, 3):
         llm = RippleLlama(path, logits_all=True, **PACK, **{**KW, "n_threads": threads, "n_threads_batch": threads})
         ps = prompts(llm, n=2, length=40)
-        res[threads] = (all_logits(llm, ps), token_by_token_logits(llm, ps))
+        res[threads] = (all_logits(llm, ps), chunked_logits(llm, ps, 1), chunked_logits(llm, ps, 5))
         st = llm.ripple_stats()
         llm.close()
         assert st["mode"] == "sparse" and st["predicted_density"] < 1.0 and not st["error"]
     ref = res[1][0]
     scale = np.abs(ref).max()
-    for threads, (batched, single) in res.items():
-        for name, got in (("batched", batched), ("token by token", single)):
+    for threads, (batched, single, fives) in res.items():
+        for name, got in (("batched", batched), ("token by token", single), ("5 tokens per decode", fives)):
             rel = float(np.abs(got - ref).max() / scale)
             agree = float((got.argmax(1) == ref.argmax(1)).mean())
             print(f"{model} {threads} threads {name}: max rel diff {rel:.2e}, argmax agreement {agree:.3f}")
@@ -259,9 +259,11 @@ def storage_read_bytes() -> int:
 
 
 @pytest.mark.slow
-def test_opening_and_running_never_reads_the_gguf_ffn(big_model):
+@pytest.mark.parametrize("weights", ["resident", "mapped"])
+def test_opening_and_running_never_reads_the_gguf_ffn(big_model, weights):
     """Verifying the pack and loading used to pull both whole files into the page cache (a memmap
-    of each, and 8 MiB readahead windows): fatal for a model larger than RAM."""
+    of each, and 8 MiB readahead windows): fatal for a model larger than RAM. Mapped non-FFN weights
+    keep read-around only where its window cannot reach an FFN tensor."""
     from ripple_gguf.cgroup import drop_file_cache
     from ripple_gguf.memory_budget import gguf_ffn_split
     from ripple_gguf.runtime import verified_pack
@@ -273,9 +275,10 @@ def test_opening_and_running_never_reads_the_gguf_ffn(big_model):
     opened = resident_bytes(big_model), resident_bytes(pack_file)
     cache = 16 * 2**20
     before = storage_read_bytes()
-    llm = RippleLlama(str(big_model), pack=pk, cache_size=cache, n_ctx=256, verbose=False, direct_io=True)
+    llm = RippleLlama(str(big_model), pack=pk, cache_size=cache, n_ctx=256, verbose=False, direct_io=True,
+                      resident_weights=weights == "resident")
     loaded = storage_read_bytes() - before
-    assert llm.ripple_non_ffn == "resident"  # read into memory: this machine has room
+    assert llm.ripple_non_ffn.startswith(weights)
     llm.create_completion("import os\n", max_tokens=8, temperature=0.0)
     ran = resident_bytes(big_model)
     llm.close()
@@ -725,3 +728,31 @@ def test_defaults_take_the_stock_path_when_not_even_one_layer_of_cache_fits(pack
     llm = RippleLlama(path, **KW)
     assert llm.ripple_stats()["mode"] == "sparse" and not llm.ripple_budget_split["below_minimum"]
     llm.close()
+
+
+def test_pack_reads_bypass_the_page_cache_by_default_where_the_model_does_not_fit(packed, monkeypatch):
+    """Buffered reads would keep a second copy of what the neuron cache holds in the page cache,
+    charged to the same memory limit: O_DIRECT is the default where the model does not fit, buffered
+    where it does; --direct-io / --buffered-io (direct_io=) decide either way."""
+    import ripple_gguf.memory_budget as mb
+    path = packed("tiny-llama-swiglu", "f32")
+    pk = open_pack(path)
+    fits = (8 * 2**30, "8 GiB")
+    monkeypatch.setattr(mb, "available_memory", lambda: fits)
+    llm = RippleLlama(path, direct_io=True, stock_when_dense=False, **KW)  # the pack path at any point
+    supported, split = llm.ripple_stats()["direct_io"], llm.ripple_budget_split
+    llm.close()
+    if not supported:
+        pytest.skip("the filesystem holding the test files refuses O_DIRECT")
+    # room for every fixed part and more than one layer of cache, not for the whole model
+    fixed = split["non_ffn_weights"] + split["kv_cache"] + split["compute"] + split["runtime"] - split["predictors"]
+    room = split["gguf_ffn"] - 1
+    assert room - split["predictors"] >= pk.min_cache_bytes, "fixture too small for this check"
+    tight = (fixed + room + mb.HEADROOM_MIN, "a tight test limit")
+    for avail, asked, want in ((fits, None, False), (tight, None, True), (tight, False, False), (fits, True, True)):
+        monkeypatch.setattr(mb, "available_memory", lambda a=avail: a)
+        llm = RippleLlama(path, direct_io=asked, stock_when_dense=False, **KW)
+        st, split = llm.ripple_stats(), llm.ripple_budget_split
+        llm.close()
+        assert st["mode"] == "sparse" and not split["below_minimum"], (avail, split)
+        assert st["direct_io"] == want, (avail, asked, split)

@@ -112,6 +112,7 @@ def _measure(a: dict, text: str) -> dict:
            "decode_s": round(decode_s, 5), "decode_tok_s": round(n / decode_s, 3) if n and decode_s > 0 else None,
            "timed_out": timed_out, "tokens": ids, "peak_rss_bytes": peak_rss(), "peak_anon_bytes": anon.stop(),
            "path": "stock" if not getattr(llm, "ripple_active", False) else "pack",
+           "stock_reason": getattr(llm, "ripple_dense_reason", None),
            "non_ffn_weights": getattr(llm, "ripple_non_ffn", None)}
     if s1.get("mode") == "sparse":
         out["decode_stats"] = phase(s1, s0, n, decode_s)
@@ -319,7 +320,9 @@ def run_speedup(res: dict, r: dict) -> float | None:
 def path_note(r: dict) -> str:
     """How a ripple run held its weights, when that is not the pack path with resident non-FFN weights."""
     if took_stock_path(r):
-        return "ran llama.cpp's stock path: dense default operating point"
+        why = "not even one layer of cache fits" if "do not fit" in (r.get("stock_reason") or "") \
+            else "dense default operating point"
+        return f"ran llama.cpp's stock path: {why}"
     return "non-FFN weights mapped" if non_ffn_mapped(r) else ""
 
 
@@ -329,7 +332,8 @@ def non_ffn_mapped(r: dict) -> bool:
 
 
 def took_stock_path(r: dict) -> bool:
-    """A default-settings ripple run that ran llama.cpp's stock path (a dense default operating point)."""
+    """A default-settings ripple run that ran llama.cpp's stock path (a dense default operating point, or
+    not even one layer of neuron cache fits: RippleLlama._stock_is_the_same)."""
     return r["mode"] == "ripple-default" and r.get("path") == "stock"
 
 
