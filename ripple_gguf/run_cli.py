@@ -20,6 +20,13 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 # --- loading -------------------------------------------------------------------------------------
 
+def _add_either_or(p, dest: str, on: tuple[str, str], off: tuple[str, str]) -> None:
+    """Two exclusive flags setting `dest` to True / False; None (the runtime decides) when neither is given."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(on[0], dest=dest, action="store_const", const=True, default=None, help=on[1])
+    g.add_argument(off[0], dest=dest, action="store_const", const=False, help=off[1])
+
+
 def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("gguf", help="converted .gguf (its OUT.ripple pack is found next to it)")
     m = p.add_mutually_exclusive_group()
@@ -32,12 +39,11 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     m.add_argument("--cache-size", metavar="SIZE",
                    help="the neuron cache alone, e.g. 256MiB (instead of a memory budget; keeps the pack path)")
     m.add_argument("--cache-ratio", type=float, metavar="R", help="neuron cache as a share of the FFN bytes, e.g. 0.25")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--resident-weights", dest="resident_weights", action="store_const", const=True, default=None,
-                   help="read the non-FFN weights into memory even where they do not seem to fit (default: where they "
-                        "fit next to the neuron cache; mapped, page-cache pressure re-reads them every token)")
-    w.add_argument("--map-weights", dest="resident_weights", action="store_const", const=False,
-                   help="keep the non-FFN weights mapped from the GGUF, as stock llama.cpp does")
+    _add_either_or(p, "resident_weights",
+                   ("--resident-weights", "read the non-FFN weights into memory even where they do not seem to fit "
+                    "(default: where they fit next to the neuron cache; mapped, page-cache pressure re-reads them "
+                    "every token)"),
+                   ("--map-weights", "keep the non-FFN weights mapped from the GGUF, as stock llama.cpp does"))
     p.add_argument("--dense", action="store_true", help="run the same GGUF on llama.cpp's stock dense path")
     p.add_argument("--allow-dense-fallback", action="store_true",
                    help="if the pack is missing or unusable, warn and run dense instead of failing")
@@ -45,12 +51,10 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context size (default: 2048, or the model's if smaller)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: llama-cpp-python's)")
     p.add_argument("--io-threads", type=int, default=4, help="parallel pread workers (default 4)")
-    d = p.add_mutually_exclusive_group()
-    d.add_argument("--direct-io", dest="direct_io", action="store_const", const=True, default=None,
-                   help="read the pack with O_DIRECT, bypassing the page cache (default: where the model does not "
-                        "fit in the memory available; buffered reads would keep a second copy of the cache there)")
-    d.add_argument("--buffered-io", dest="direct_io", action="store_const", const=False,
-                   help="read the pack through the page cache even where the model does not fit")
+    _add_either_or(p, "direct_io",
+                   ("--direct-io", "read the pack with O_DIRECT, bypassing the page cache (default: where the model "
+                    "does not fit in the memory available; buffered reads would keep a second copy of the cache there)"),
+                   ("--buffered-io", "read the pack through the page cache even where the model does not fit"))
     p.add_argument("--all-active", action="store_true", help="debug: predictor off, every neuron computed")
     p.add_argument("--pin-percent", type=int, default=None,
                    help="share of the cache pinned to hot neurons (default 50; 100 where every neuron is computed)")

@@ -356,14 +356,11 @@ class RippleLlama(llama_cpp.Llama):
             # cache, predictors and buffers cannot be reclaimed, stock's mapped weights can (ReLU2 bench
             # model at 25% of its size in a cgroup: default settings were OOM-killed on the pack path).
             # The allowances are estimates (memory_budget.py), so near the edge this errs towards stock.
-            self.ripple_dense_reason = (
+            return self._load_stock(model_path, kwargs, pack, point, (
                 f"the pack path's fixed memory and one layer of neuron cache do not fit in the "
                 f"{split['available'] / MIB:.0f} MiB available ({split['available_from']}): llama.cpp's stock "
                 "path, whose mapped weights the kernel can reclaim (slower, but never killed for memory); pass "
-                "--cache-size to force the pack path")
-            super().__init__(model_path, **kwargs)
-            self.ripple_point = {**_point_info(pack, point), "path": "stock"}
-            return True
+                "--cache-size to force the pack path"))
         if opts.all_active or opts.memory_budget is not None or split is None or density < STOCK_PATH_DENSITY:
             return False
         if resident and not whole_model_fits(split):
@@ -374,8 +371,13 @@ class RippleLlama(llama_cpp.Llama):
                 f"neither the model nor its non-FFN weights next to a neuron cache fit in {where} (the pack "
                 "path would re-read the mapped non-FFN weights every token, slower)")
         what = "computes every neuron" if density >= 1.0 else f"computes {100 * density:.0f}% of the neurons"
-        self.ripple_dense_reason = (f"operating point {point} {what} and {fits}: llama.cpp's stock "
-                                    "path (pass --memory-budget or a sparser --quality to use the pack)")
+        return self._load_stock(model_path, kwargs, pack, point, (
+            f"operating point {point} {what} and {fits}: llama.cpp's stock path (pass --memory-budget or a "
+            "sparser --quality to use the pack)"))
+
+    def _load_stock(self, model_path: str, kwargs, pack: Pack, point: int, reason: str) -> bool:
+        """Load the GGUF on llama.cpp's stock path at `point` (what ripple_stats reports), saying why."""
+        self.ripple_dense_reason = reason
         super().__init__(model_path, **kwargs)
         self.ripple_point = {**_point_info(pack, point), "path": "stock"}
         return True
