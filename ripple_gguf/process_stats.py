@@ -38,12 +38,14 @@ def phase(stats_end: dict, stats_start: dict, tokens: int, seconds: float) -> di
     if stats_end.get("mode") != "sparse":
         return out
     d = {k: stats_end[k] - stats_start.get(k, 0) for k in
-         ("tokens", "reads", "bytes_read", "cache_hits", "cache_misses", "active_neurons", "total_neurons", "io_seconds")}
+         ("tokens", "reads", "bytes_read", "cache_hits", "cache_misses", "active_neurons", "total_neurons", "io_seconds",
+          "ahead_seconds", "ahead_wait_seconds")}
     n = d["tokens"] or 1
     lookups = d["cache_hits"] + d["cache_misses"]
     out.update(reads=d["reads"], bytes_read=d["bytes_read"], reads_per_token=round(d["reads"] / n, 3),
                bytes_per_token=round(d["bytes_read"] / n, 1),
                cache_hit_rate=round(d["cache_hits"] / lookups, 4) if lookups else None,
                predicted_density=round(d["active_neurons"] / d["total_neurons"], 4) if d["total_neurons"] else None,
-               io_seconds=round(d["io_seconds"], 4))
+               io_seconds=round(d["io_seconds"], 4),  # plans waiting for reads
+               hidden_io_seconds=round(max(0.0, d["ahead_seconds"] - d["ahead_wait_seconds"]), 4))
     return out

@@ -60,6 +60,9 @@ def _add_runtime_args(p, generation: bool = True) -> None:
                    help="share of the cache pinned to hot neurons (default 50; 100 where every neuron is computed)")
     p.add_argument("--cold-cache", action="store_true",
                    help="start with only the pinned neurons cached (default: fill the rest with the next hottest at load)")
+    p.add_argument("--no-read-ahead", action="store_true",
+                   help="read a layer's missing neurons only when it needs them (default: while a layer computes, "
+                        "read what the next layer needed for the previous token and the cache lacks)")
     p.add_argument("--t0-us", type=float, default=None, help="cost model: per-read latency in us (default: probed)")
     p.add_argument("--bw-mbps", type=float, default=None, help="cost model: bandwidth in MB/s (default: probed)")
     p.add_argument("--merge-gap", type=int, default=None, metavar="BYTES",
@@ -81,7 +84,8 @@ def _ripple_kwargs(args) -> dict:
                 dense=args.dense, dense_fallback=args.allow_dense_fallback, all_active=args.all_active,
                 io_threads=args.io_threads, direct_io=args.direct_io, pin_percent=args.pin_percent,
                 t0_us=args.t0_us, bw_mbps=args.bw_mbps, merge_gap_bytes=args.merge_gap,
-                threshold_offset=args.threshold_offset, warm_cache=not args.cold_cache, quality=args.quality,
+                threshold_offset=args.threshold_offset, warm_cache=not args.cold_cache,
+                read_ahead=not args.no_read_ahead, quality=args.quality,
                 stock_when_dense=not getattr(args, "curve", False),  # the curve moves along every point
                 resident_weights=args.resident_weights)
 

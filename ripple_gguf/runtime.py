@@ -63,19 +63,21 @@ class RippleParams(ctypes.Structure):
         ("merge_gap_bytes", ctypes.c_int64),
         ("threshold_offset", ctypes.c_double),
         ("warm_cache", ctypes.c_int32),
+        ("read_ahead", ctypes.c_int32),
     ]
 
 
-_STAT_U64 = ("tokens", "layer_tokens", "reads", "bytes_read", "useful_bytes", "cache_hits", "cache_misses",
-             "active_neurons", "total_neurons", "preload_reads", "preload_bytes", "cache_bytes", "cache_slots",
-             "pinned_slots", "bundle_bytes", "ffn_bytes", "min_budget", "overhead_bytes", "merge_gap_bytes",
-             "direct_io", "all_active", "error")
-_STAT_F64 = ("io_seconds", "t0_us", "bw_mbps", "verify_seconds")
+_u64, _f64 = ctypes.c_uint64, ctypes.c_double
 
 
 class RippleStatsC(ctypes.Structure):
-    """struct llama_ripple_stats (include/llama-ripple.h)."""
-    _fields_ = [(n, ctypes.c_uint64) for n in _STAT_U64] + [(n, ctypes.c_double) for n in _STAT_F64]
+    """struct llama_ripple_stats (include/llama-ripple.h), field for field."""
+    _fields_ = [(n, _u64) for n in (
+        "tokens", "layer_tokens", "reads", "bytes_read", "useful_bytes", "cache_hits", "cache_misses",
+        "active_neurons", "total_neurons", "preload_reads", "preload_bytes", "cache_bytes", "cache_slots",
+        "pinned_slots", "bundle_bytes", "ffn_bytes", "min_budget", "overhead_bytes", "merge_gap_bytes",
+        "direct_io", "all_active", "error")] + [(n, _f64) for n in ("io_seconds", "t0_us", "bw_mbps", "verify_seconds")] + [
+        ("ahead_neurons", _u64), ("ahead_used", _u64), ("ahead_seconds", _f64), ("ahead_wait_seconds", _f64)]
 
 
 _lib_cache = None
@@ -131,6 +133,7 @@ class RippleOptions:
     merge_gap_bytes: int | None = None
     threshold_offset: float = 0.0            # added to the pack's predictor thresholds (< 0: more neurons)
     warm_cache: bool = True                  # fill the unpinned cache with the next-hottest neurons at load
+    read_ahead: bool = True                  # read the next layer's likely misses while a layer computes
 
 
 def budget_bytes(pack: Pack, opts: RippleOptions) -> int:
@@ -248,7 +251,7 @@ class RippleLlama(llama_cpp.Llama):
                  cache_ratio: float | None = None, dense: bool = False, dense_fallback: bool = False,
                  all_active: bool = False, io_threads: int = 4, direct_io: bool | None = None, pin_percent: int | None = None,
                  t0_us: float | None = None, bw_mbps: float | None = None, merge_gap_bytes: int | None = None,
-                 threshold_offset: float = 0.0, warm_cache: bool = True, quality=None,
+                 threshold_offset: float = 0.0, warm_cache: bool = True, read_ahead: bool = True, quality=None,
                  stock_when_dense: bool = True, resident_weights: bool | None = None, **kwargs):
         self.ripple_pack: Pack | None = None
         self.ripple_dense_reason: str | None = None
@@ -262,7 +265,7 @@ class RippleLlama(llama_cpp.Llama):
         if not Path(model_path).is_file():
             raise RippleError(f"{model_path}: no such file; pass the path of a converted .gguf")
         opts = RippleOptions(memory_budget, cache_size, cache_ratio, io_threads, direct_io, all_active, pin_percent,
-                             t0_us, bw_mbps, merge_gap_bytes, threshold_offset, warm_cache)
+                             t0_us, bw_mbps, merge_gap_bytes, threshold_offset, warm_cache, read_ahead)
         kwargs.setdefault("n_gpu_layers", 0)
         if dense:
             self.ripple_dense_reason = "dense requested"
@@ -315,6 +318,7 @@ class RippleLlama(llama_cpp.Llama):
         params.merge_gap_bytes = -1 if merge_gap_bytes is None else int(merge_gap_bytes)
         params.threshold_offset = float(threshold_offset)
         params.warm_cache = int(bool(warm_cache))
+        params.read_ahead = int(bool(read_ahead))
         mp = model_path.encode()
         if lib.llama_ripple_register(mp, str(pack.path).encode(), ctypes.byref(params)) != 0:
             raise RippleError(lib.llama_ripple_last_error(None).decode(errors="replace"))
@@ -430,8 +434,7 @@ class RippleLlama(llama_cpp.Llama):
         st = RippleStatsC()
         if lib.llama_ripple_get_stats(self.model, ctypes.byref(st)) != 0:
             raise RippleError("ripple pack is not attached")
-        d = {n: int(getattr(st, n)) for n in _STAT_U64}
-        d.update({n: float(getattr(st, n)) for n in _STAT_F64})
+        d = {n: (int if t is _u64 else float)(getattr(st, n)) for n, t in RippleStatsC._fields_}
         d["error"] = bool(d["error"])
         d["direct_io"] = bool(d["direct_io"])
         d["all_active"] = bool(d["all_active"])
@@ -443,7 +446,10 @@ class RippleLlama(llama_cpp.Llama):
         d["bytes_per_token"] = d["bytes_read"] / d["tokens"] if d["tokens"] else 0.0
         d["useful_bytes_per_token"] = d["useful_bytes"] / d["tokens"] if d["tokens"] else 0.0
         d["io_seconds_per_token"] = d["io_seconds"] / d["tokens"] if d["tokens"] else 0.0
-        d["read_mbps"] = d["bytes_read"] / d["io_seconds"] / 1e6 if d["io_seconds"] > 0 else None
+        # io_seconds is the time plans waited for reads; read-ahead's reads ran beside the compute
+        read_s = d["io_seconds"] - d["ahead_wait_seconds"] + d["ahead_seconds"]
+        d["read_mbps"] = d["bytes_read"] / read_s / 1e6 if read_s > 0 else None
+        d["hidden_io_seconds"] = max(0.0, d["ahead_seconds"] - d["ahead_wait_seconds"])
         d["pack"] = str(self.ripple_pack.path)
         d["non_ffn_weights"] = self.ripple_non_ffn
         return d

@@ -63,6 +63,22 @@ def test_read_error_mid_generation_is_a_ripple_error_naming_the_pack(model):
     llm.close()
 
 
+@pytest.mark.parametrize("after_reads", [1, 2, 5])
+def test_read_error_in_read_ahead_is_the_same_clear_error(model, after_reads):
+    """Every neuron needed and a cache of two layers: each layer's misses are read ahead while the
+    layer before computes, so the failing read runs on the read-ahead thread. The plan that takes it
+    must fail the model as a read of its own would: an error naming the pack, sticky, no crash."""
+    llm = RippleLlama(model, cache_size=2 * one_layer(model), pin_percent=0, all_active=True, warm_cache=False, **KW)
+    assert len(tokens(llm, 3)) == 3
+    assert llm.ripple_stats()["ahead_used"] > 0
+    assert ripple_lib().llama_ripple_inject_fault(llm.model, after_reads, errno.EIO) == 0
+    with pytest.raises(RippleError, match=f"{pack_path_for(model)}.*(Input/output error|I/O error)"):
+        tokens(llm, 8)
+    with pytest.raises(RippleError):
+        llm.create_completion("x", max_tokens=2)
+    llm.close()
+
+
 def test_llama_decode_returns_nonzero_when_a_read_fails(model):
     """The C API: llama_decode reports the failure itself (-3) instead of returning zeroed FFNs."""
     import llama_cpp

@@ -150,6 +150,28 @@ def test_batched_and_token_by_token_agree_at_several_thread_counts(packed, model
             assert rel <= 1e-3 and agree >= 0.99, (threads, name, rel, agree)  # measured <= 1e-4, 1.0
 
 
+def test_read_ahead_computes_the_same_and_its_reads_are_used(packed):
+    """While a layer computes, a background thread reads what the next layer needed for the previous
+    token and the cache lacks; the next layer must find those neurons and compute exactly what it
+    computes without read-ahead (same neurons, same bytes, same arithmetic)."""
+    path = packed("tiny-llama-swiglu", "f32")
+    pk = open_pack(path)
+    res = {}
+    for ahead in (False, True):
+        llm = RippleLlama(path, cache_size=2 * max(pk.n_ff) * pk.bundle_bytes, pin_percent=0, warm_cache=False,
+                          read_ahead=ahead, logits_all=True, **KW)
+        ps = prompts(llm, n=2, length=40)
+        res[ahead] = (chunked_logits(llm, ps, 1), chunked_logits(llm, ps, 5), llm.ripple_stats())
+        llm.close()
+    (off_1, off_5, off), (on_1, on_5, on) = res[False], res[True]
+    print(f"read ahead: {on['ahead_neurons']} neurons, {on['ahead_used']} used; hidden {on['hidden_io_seconds']:.4f} s")
+    assert off["ahead_neurons"] == 0 and 0 < on["ahead_used"] <= on["ahead_neurons"]
+    assert not on["error"] and on["predicted_density"] < 1.0
+    assert on["useful_bytes"] == on["cache_misses"] * pk.bundle_bytes  # read-ahead neurons count as misses
+    np.testing.assert_array_equal(on_1, off_1)
+    np.testing.assert_array_equal(on_5, off_5)
+
+
 def test_direct_io_and_a_one_layer_cache_compute_the_same(packed):
     path = packed("tiny-arcee-relu2", "f16")
     pk = open_pack(path)

@@ -87,6 +87,7 @@ def run_config(gguf: Path, pk, tokens: list[int], cache_share: float, merge: boo
     llm = RippleLlama(str(gguf), pack=pk, cache_size=cache, io_threads=io_threads, direct_io=direct,
                       t0_us=cost.t0_us, bw_mbps=cost.bw_mbps,
                       merge_gap_bytes=None if merge else 0, stock_when_dense=False, resident_weights=True,
+                      read_ahead=False,  # the reads each placement makes, not how well they hide
                       n_ctx=max(64, len(tokens) + 8), n_batch=8, verbose=False, **kw)
     try:
         point = llm.ripple_set_point(nearest_point(pk, density))
