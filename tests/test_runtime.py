@@ -778,3 +778,25 @@ def test_pack_reads_bypass_the_page_cache_by_default_where_the_model_does_not_fi
         llm.close()
         assert st["mode"] == "sparse" and not split["below_minimum"], (avail, split)
         assert st["direct_io"] == want, (avail, asked, split)
+
+
+# --- the C API's structs ---------------------------------------------------------------------------
+
+def _c_struct_fields(name: str) -> list[tuple[str, str]]:
+    """(field, C type) of `struct name` as the patch declares it in include/llama-ripple.h."""
+    import re
+    text = (ROOT / "patches" / "0001-ripple-sparse-ffn.patch").read_text()
+    body = re.search(r"\+\s*struct " + name + r" \{\n(.*?)\n\+\s*\};", text, re.S).group(1)
+    return re.findall(r"^\+\s*(u?int\d+_t|double|float)\s+(\w+);", body, re.M)
+
+
+@pytest.mark.parametrize("struct,mirror", [("llama_ripple_params", "RippleParams"),
+                                           ("llama_ripple_stats", "RippleStatsC")])
+def test_ctypes_mirrors_match_the_c_structs_field_for_field(struct, mirror):
+    """Python passes and reads these structs by layout: a field added on one side only shifts every
+    later one (a wrong cache size, a stats dict of garbage) without any error."""
+    import ripple_gguf.runtime as rt
+    ctype = {"uint64_t": ctypes.c_uint64, "int64_t": ctypes.c_int64, "int32_t": ctypes.c_int32,
+             "double": ctypes.c_double, "float": ctypes.c_float}
+    c_fields = [(n, ctype[t]) for t, n in _c_struct_fields(struct)]
+    assert c_fields and c_fields == list(getattr(rt, mirror)._fields_)

@@ -79,7 +79,8 @@ def cmd_e2e(args) -> dict:
     from .e2e import format_e2e, run_e2e
     result = run_e2e(args.gguf, args.text, fractions=fractions, gen_tokens=args.gen_tokens,
                      prompt_tokens=args.prompt_tokens, ctx=args.ctx, ppl_chunks=args.ppl_chunks,
-                     timeout_s=args.timeout, threads=args.threads, direct_io=not args.buffered_io, progress=not args.json)
+                     timeout_s=args.timeout, threads=args.threads, direct_io=not args.buffered_io,
+                     read_ahead=not args.no_read_ahead, progress=not args.json)
     if not args.json:
         print(format_e2e(result))
     return result
@@ -115,7 +116,7 @@ def cmd_report(args) -> dict:
         raise RippleError(f"{args.text}: no such file; pass held-out text with --text")
     e2e_kw = dict(fractions=_fractions(args.budgets), gen_tokens=args.gen_tokens, prompt_tokens=args.prompt_tokens,
                   ctx=args.ctx, ppl_chunks=args.ppl_chunks, timeout_s=args.timeout, threads=args.threads,
-                  direct_io=not args.buffered_io)
+                  direct_io=not args.buffered_io, read_ahead=not args.no_read_ahead)
     command = "ripple-gguf bench report " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if len(sys.argv) > 2 \
         else "ripple-gguf bench report"
     result = write_report(args.gguf, args.text, Path(args.out), command=command, io_tokens=args.tokens,
@@ -159,6 +160,8 @@ def register(sub) -> None:
         q.add_argument("--threads", type=int, default=None, help="compute threads of both modes (default: llama-cpp-python's)")
         q.add_argument("--buffered-io", action="store_true",
                        help="the sparse runtime reads the pack through the page cache (default: O_DIRECT)")
+        q.add_argument("--no-read-ahead", action="store_true",
+                       help="the sparse runtime reads each layer's misses only when it needs them (default: read ahead)")
 
     i = bs.add_parser("io", help="held-out tokens through the runtime, cold, in each neuron placement")
     i.add_argument("gguf")

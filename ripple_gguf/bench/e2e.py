@@ -76,7 +76,8 @@ def _load(a: dict, n_ctx: int, **kw):
     if a["mode"] == "stock":
         return llama_cpp.Llama(a["gguf"], **kw)
     return RippleLlama(a["gguf"], cache_size=a.get("cache_budget"), t0_us=a.get("t0_us"), bw_mbps=a.get("bw_mbps"),
-                       direct_io=bool(a.get("direct_io")), resident_weights=a.get("resident_weights"), **kw)
+                       direct_io=bool(a.get("direct_io")), resident_weights=a.get("resident_weights"),
+                       read_ahead=a.get("read_ahead", True), **kw)
 
 
 def _measure(a: dict, text: str) -> dict:
@@ -231,7 +232,8 @@ def _worker(args: dict, limit: int | None, timeout: float) -> dict:
 
 
 def run_e2e(gguf, text_path, fractions=(1.0, 0.75, 0.5, 0.35, 0.25), gen_tokens=64, prompt_tokens=64, ctx=512, ppl_chunks=4,
-            timeout_s=300, t0_us=None, bw_mbps=None, threads=None, direct_io=True, progress=True) -> dict:
+            timeout_s=300, t0_us=None, bw_mbps=None, threads=None, direct_io=True, read_ahead=True,
+            progress=True) -> dict:
     """Stock vs ripple at each memory budget (a share of the GGUF size); see the module docstring."""
     from tqdm import tqdm
     if gen_tokens < 1 or prompt_tokens < 1 or ctx < 8 or not fractions or min(fractions) <= 0:
@@ -247,7 +249,7 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.75, 0.5, 0.35, 0.25), gen_tokens=
     n_ctx = max(ctx, prompt_tokens + gen_tokens + 1)
     base = {"gguf": info["gguf"], "text": os.path.abspath(text_path), "prompt_tokens": prompt_tokens,
             "gen_tokens": gen_tokens, "n_ctx": n_ctx, "ctx": ctx, "timeout_s": timeout_s, "threads": threads,
-            "t0_us": t0_us, "bw_mbps": bw_mbps, "direct_io": direct_io}
+            "t0_us": t0_us, "bw_mbps": bw_mbps, "direct_io": direct_io, "read_ahead": read_ahead}
     hard = timeout_s * 2 + 120  # the worker stops decoding at timeout_s; this kills a hung load or prompt
     bar = tqdm(total=2 + len(RUNS) * len(fractions), unit="run", file=sys.stderr, disable=not progress, leave=False)
     try:
@@ -304,6 +306,7 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.75, 0.5, 0.35, 0.25), gen_tokens=
             "settings": {"fractions": list(fractions), "gen_tokens": gen_tokens, "prompt_tokens": prompt_tokens,
                          "ctx": ctx, "n_ctx": n_ctx, "ppl_chunks": ppl_chunks, "timeout_s": timeout_s,
                          "t0_us": t0_us, "bw_mbps": bw_mbps, "threads": threads, "direct_io": direct_io,
+                         "read_ahead": read_ahead,
                          "slack_bytes": SLACK},
             "unconfined": {"stock": {"mode": "stock", "fraction": None, **ref_stock},
                            "ripple": {"mode": "ripple", "fraction": None, "cache_budget_bytes": info["min_cache_bytes"],

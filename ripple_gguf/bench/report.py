@@ -149,8 +149,10 @@ def _why_slow(r: dict, e2e: dict) -> str:
     io_ms = 1e3 * (ds.get("io_seconds") or 0) / max(ds.get("tokens") or 1, 1)
     m = e2e["model"]
     at_limit = r.get("limit_bytes") and (r.get("cgroup_peak_bytes") or 0) >= 0.99 * r["limit_bytes"]
-    parts = [f"{ms:.2f} ms/token of which {io_ms:.2f} ms reading ({ds.get('reads_per_token', 0):.1f} reads, "
-             f"cache hit rate {100 * (ds.get('cache_hit_rate') or 0):.1f}%)"]
+    hidden_ms = 1e3 * (ds.get("hidden_io_seconds") or 0) / max(ds.get("tokens") or 1, 1)
+    parts = [f"{ms:.2f} ms/token of which {io_ms:.2f} ms waiting for reads ({ds.get('reads_per_token', 0):.1f} reads, "
+             f"cache hit rate {100 * (ds.get('cache_hit_rate') or 0):.1f}%"
+             + (f"; another {hidden_ms:.2f} ms of reads ran ahead, beside the compute" if hidden_ms >= 0.005 else "") + ")"]
     if r.get("cache_budget_bytes", 0) < m["ffn_bytes"] and (ds.get("cache_hit_rate") or 0) < 0.995:
         parts.append(f"once the predictors ({m['predictor_bytes'] / 2**20:.1f} MiB) and non-FFN weights are paid for, "
                      f"the neuron cache ({r['cache_budget_bytes'] / 2**20:.1f} MiB) is smaller than the FFN "
