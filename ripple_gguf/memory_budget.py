@@ -7,12 +7,13 @@ than the model the one case this project exists for was OOM-killed. Now the defa
     available (the tightest of MemAvailable and every memory cgroup limit above this process)
   - non-FFN weights (read into memory where they fit, see non_ffn_fits: mapped, page-cache pressure
     thrashes them every token)
-  - KV cache (f16 K and V for n_ctx tokens) and a compute-buffer allowance
+  - KV cache (f16 K and V for n_ctx tokens) and llama.cpp's compute buffers (llama_compute_bytes)
   - predictors and runtime metadata
   - headroom (10% of what is available, at least 64 MiB: the Python process, page cache of reads)
 
 clamped to [one layer's working set, the whole FFN], so a machine with room to spare caches
-everything, and one without it streams from the pack.
+everything, and one without it streams from the pack. Where the non-FFN weights cannot be resident,
+split["mapped_fits"] says whether the pack path can still run with them mapped (mapped_pack_fits).
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from .errors import RippleError
 from .gguf_io import ffn_weight_bytes, kv, open_header, read_ffn_layout
 
 MIB = 2**20
-COMPUTE_ALLOWANCE = 64 * MIB   # llama.cpp compute buffers + logits at the default batch (SmolLM2 measured: ~20-40 MiB)
 RUNTIME_ALLOWANCE = 32 * MIB   # staging, plan buffers, I/O threads' stacks
+RUNTIME_MAPPED = 8 * MIB       # the same, counted tightly where the weights stay mapped (staging 2 MiB,
+                               # the gap buffer <= 1 MiB, per-neuron tables ~1 MiB at SmolLM2 size)
 
 
 HEADROOM_MIN, HEADROOM_SHARE = 64 * MIB, 0.10  # the Python process, the page cache of our reads
@@ -56,13 +58,36 @@ def _kv_bytes(r, n_ctx: int) -> int:
     return 2 * 2 * n_layer * n_ctx * width
 
 
+def _llama_compute_bytes(r, n_ctx: int, n_ubatch: int, logits_all: bool) -> int:
+    """What llama.cpp (and llama-cpp-python) allocate besides weights and KV cache, touched at worst:
+    one ubatch's activations (FFN intermediates, residual copies), its attention scores against the
+    context (f32, scores and softmax), the logits (every token's with logits_all, in llama.cpp's buffer
+    and llama-cpp-python's n_ctx x n_vocab array) and 8 MiB for the vocabulary and small buffers.
+    SmolLM2 at n_ctx 512: ~31 MiB estimated, 34 MiB measured (RssAnon after load and decode, less KV)."""
+    arch = kv(r, "general.architecture", "llama")
+    n_embd = int(kv(r, f"{arch}.embedding_length", 0) or 0)
+    heads = int(kv(r, f"{arch}.attention.head_count", 1) or 1)
+    n_ff = max(read_ffn_layout(r).n_ff)
+    n_vocab = next((int(t.shape[1]) for t in r.tensors if t.name == "token_embd.weight" and len(t.shape) > 1), 0)
+    if n_ctx <= 0:
+        n_ctx = int(kv(r, f"{arch}.context_length", 4096) or 4096)
+    ub = max(1, min(n_ubatch, n_ctx))
+    logits = (ub + n_ctx) * n_vocab if logits_all else 2 * n_vocab
+    return 4 * (ub * (2 * n_ff + 8 * n_embd) + 2 * ub * n_ctx * heads + logits) + 8 * MIB
+
+
+def llama_compute_bytes(path: str, n_ctx: int, n_ubatch: int = 512, logits_all: bool = False) -> int:
+    return _llama_compute_bytes(open_header(path), n_ctx, n_ubatch, logits_all)
+
+
 def kv_cache_bytes(path: str, n_ctx: int) -> int:
     """f16 K and V of every layer for n_ctx tokens (grouped-query heads counted when the GGUF says)."""
     return _kv_bytes(open_header(path), n_ctx)
 
 
 def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minimum: int,
-                         predictor_bytes: int, total: int | None = None) -> tuple[int, dict]:
+                         predictor_bytes: int, total: int | None = None, n_ubatch: int = 512,
+                         logits_all: bool = False) -> tuple[int, dict]:
     """(cache bytes, the split as a dict for `run --verbose`/--json). `total` (--memory-budget): what
     the whole process may use, split the same way instead of the available memory; RippleError when
     it cannot hold the fixed parts plus one layer of neuron cache. split["ffn_room"] is what is left
@@ -72,13 +97,14 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
     r = open_header(model_path)
     ffn = _ffn_bytes(r)
     other, kv_bytes = os.path.getsize(model_path) - ffn, _kv_bytes(r, n_ctx)
+    compute = _llama_compute_bytes(r, n_ctx, n_ubatch, logits_all)
     split = {"available": avail, "available_from": source, "non_ffn_weights": other, "gguf_ffn": ffn,
-             "kv_cache": kv_bytes, "compute": COMPUTE_ALLOWANCE, "runtime": RUNTIME_ALLOWANCE + predictor_bytes,
-             "predictors": predictor_bytes}
+             "kv_cache": kv_bytes, "compute": compute, "runtime": RUNTIME_ALLOWANCE + predictor_bytes,
+             "predictors": predictor_bytes, "minimum": minimum}
     if avail is None:
         split.update(headroom=0, ffn_room=None, cache=ffn_pack_bytes, note="available memory unknown: the whole FFN")
         return ffn_pack_bytes, split
-    fixed = other + kv_bytes + COMPUTE_ALLOWANCE + RUNTIME_ALLOWANCE
+    fixed = other + kv_bytes + compute + RUNTIME_ALLOWANCE
     room = avail - fixed - headroom(avail)
     left = room - predictor_bytes
     if total is not None and left < minimum:
@@ -86,20 +112,36 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
         need = int(max(least + HEADROOM_MIN, least / (1 - HEADROOM_SHARE))) + 1  # the inverse of headroom()
         raise RippleError(f"memory budget {total / MIB:.0f} MiB cannot hold this model's fixed memory "
                           f"(non-FFN weights {other / MIB:.0f} MiB, KV cache {kv_bytes / MIB:.0f} MiB for {n_ctx} tokens, "
-                          f"compute and runtime {(COMPUTE_ALLOWANCE + RUNTIME_ALLOWANCE + predictor_bytes) / MIB:.0f} MiB, "
+                          f"compute and runtime {(compute + RUNTIME_ALLOWANCE + predictor_bytes) / MIB:.0f} MiB, "
                           f"headroom {headroom(avail) / MIB:.0f} MiB) plus one layer of neuron cache ({minimum / MIB:.1f} MiB): "
                           f"pass --memory-budget {-(-need // MIB)}MiB or more, or a smaller --ctx")
     cache = int(min(ffn_pack_bytes, max(minimum, left)))
     split.update(headroom=headroom(avail), ffn_room=room, cache=cache)
     split["below_minimum"] = left < minimum
+    split["mapped_fits"] = mapped_pack_fits(split)
     if left < minimum:
-        split["note"] = "less memory than one layer's working set needs: running at the minimum cache"
+        split["note"] = ("less memory than one layer's working set needs next to resident non-FFN weights: "
+                         "running at the minimum cache" + (", non-FFN weights mapped" if split["mapped_fits"] else ""))
     return cache, split
 
 
 def whole_model_fits(split: dict) -> bool:
     """Would the GGUF with every weight resident (the stock path) fit where this split was made?"""
     return split.get("ffn_room") is not None and split["ffn_room"] >= split["gguf_ffn"]
+
+
+def mapped_pack_fits(split: dict) -> bool:
+    """Can the pack path run with its non-FFN weights mapped and the minimum neuron cache where this
+    split was made? What the kernel cannot reclaim (KV cache, compute buffers at their worst, the
+    minimum cache, predictors, runtime buffers) must fit with a 10% margin (at least 8 MiB); the
+    mapped weights are page cache, as all of stock llama.cpp's are. Such a run reads no more per token
+    than stock (whose page cache must hold the FFN too) and reads the FFN in merged direct reads:
+    SmolLM2 Q4_1 at a dense point, 50% of its size in a cgroup: 12.0 vs 4.8 tok/s; at 35%, where the
+    margin says no, it would have been 3.3 vs 4.3."""
+    if split.get("available") is None:
+        return False
+    fixed = split["kv_cache"] + split["compute"] + split["minimum"] + split["predictors"] + RUNTIME_MAPPED
+    return fixed + max(8 * MIB, fixed // 10) <= split["available"]
 
 
 def non_ffn_fits(split: dict, cache: int) -> bool:

@@ -280,7 +280,9 @@ class RippleLlama(llama_cpp.Llama):
             default_cache, split = default_cache_budget(
                 model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
                 pack.min_cache_bytes, predictor_bytes(pack, point, stock_when_dense),
-                total=None if opts.memory_budget is None else parse_size(opts.memory_budget))
+                total=None if opts.memory_budget is None else parse_size(opts.memory_budget),
+                n_ubatch=int(kwargs.get("n_ubatch") or kwargs.get("n_batch") or 512),
+                logits_all=bool(kwargs.get("logits_all")))
             if opts.cache_size is None and opts.cache_ratio is None:
                 budget, self.ripple_budget_split = default_cache, split
             resident, non_ffn = _non_ffn_resident(resident_weights, non_ffn_fits(split, budget), kwargs)
@@ -344,36 +346,40 @@ class RippleLlama(llama_cpp.Llama):
                            resident: bool) -> bool:
         """At a (nearly) dense operating point with no budget given, the pack path reads about the
         same FFN bytes per token as llama.cpp's stock path and computes them slower when the whole
-        model fits (SmolLM2 warm decode 0.8x stock with every neuron, ~0.9x at density 0.67), or when
-        its non-FFN weights must stay mapped (they thrash through the page cache every token: bench
-        e2e same RAM 0.54x at 50% of the model, 0.69x at 25%). So llama.cpp's stock path runs there
-        (its mmap'd weights are page cache the kernel reclaims under pressure: slower when the model
-        does not fit, never an OOM kill) and says why. When the model does not fit but its non-FFN
-        weights do, the pack path runs with them resident: it reads only the FFN, in merged direct
-        reads, where stock re-reads the whole model through the page cache (SmolLM2 Q4_1 at half its
-        size: 8.3 vs 3.6-5.5 tok/s). Loads stock and returns True when that is the case."""
+        model fits (SmolLM2 warm decode 0.8x stock with every neuron, ~0.9x at density 0.67), so
+        llama.cpp's stock path runs there, saying why. When the model does not fit, the pack path runs
+        wherever its fixed memory fits: with the non-FFN weights resident where they fit next to a
+        cache, else mapped with the minimum cache (memory_budget.mapped_pack_fits). It reads only FFN
+        misses, in merged direct reads, where stock re-reads whatever of the whole model its page cache
+        cannot hold (SmolLM2 Q4_1 at a dense point in a cgroup of 50% of its size, weights mapped: 12.0
+        vs 4.8 tok/s). Where not even that fits, stock (its mmap'd weights are page
+        cache the kernel reclaims: slower, never an OOM kill). Loads stock and returns True when that
+        is the case."""
         from .memory_budget import MIB, whole_model_fits
         split = self.ripple_budget_split  # None when --cache-size/--cache-ratio was given
         density = float(pack.op_density[point])
-        if split is not None and opts.memory_budget is None and not opts.all_active and split.get("below_minimum"):
-            # Not even the pack path's fixed memory plus one layer of cache fits what is available: its
-            # cache, predictors and buffers cannot be reclaimed, stock's mapped weights can (ReLU2 bench
-            # model at 25% of its size in a cgroup: default settings were OOM-killed on the pack path).
-            # The allowances are estimates (memory_budget.py), so near the edge this errs towards stock.
+        if split is not None and opts.memory_budget is None and not opts.all_active and split.get("below_minimum") \
+                and not split.get("mapped_fits"):
+            # Not even the pack path's fixed memory plus one layer of cache fits what is available, with
+            # the non-FFN weights mapped either: its cache, predictors and buffers cannot be reclaimed,
+            # stock's mapped weights can (ReLU2 bench model at 25% of its size in a cgroup: default
+            # settings were OOM-killed on the pack path). The sizes are estimates (memory_budget.py), so
+            # near the edge this errs towards stock.
             return self._load_stock(model_path, kwargs, pack, point, (
                 f"the pack path's fixed memory and one layer of neuron cache do not fit in the "
-                f"{split['available'] / MIB:.0f} MiB available ({split['available_from']}): llama.cpp's stock "
-                "path, whose mapped weights the kernel can reclaim (slower, but never killed for memory); pass "
-                "--cache-size to force the pack path"))
+                f"{split['available'] / MIB:.0f} MiB available ({split['available_from']}), not even with "
+                "the non-FFN weights mapped: llama.cpp's stock path, whose mapped weights the kernel can "
+                "reclaim (slower, but never killed for memory); pass --cache-size to force the pack path"))
         if opts.all_active or opts.memory_budget is not None or split is None or density < STOCK_PATH_DENSITY:
             return False
-        if resident and not whole_model_fits(split):
+        if not whole_model_fits(split) and (resident or split.get("mapped_fits")):
+            # the pack path reads only FFN misses, in merged direct reads, where stock re-reads
+            # whatever of the whole model its page cache cannot hold
             return False
         where = f"{split['available'] / MIB:.0f} MiB available ({split['available_from']})" \
             if split.get("available") is not None else "unknown available memory"
         fits = (f"the whole model fits in {where}" if whole_model_fits(split) else
-                f"neither the model nor its non-FFN weights next to a neuron cache fit in {where} (the pack "
-                "path would re-read the mapped non-FFN weights every token, slower)")
+                f"neither the model nor the pack path's fixed memory fit in {where}")
         what = "computes every neuron" if density >= 1.0 else f"computes {100 * density:.0f}% of the neurons"
         return self._load_stock(model_path, kwargs, pack, point, (
             f"operating point {point} {what} and {fits}: llama.cpp's stock path (pass --memory-budget or a "

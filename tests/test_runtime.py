@@ -620,9 +620,9 @@ def test_serve_is_openai_compatible_on_loopback(packed):
 @pytest.mark.slow
 def test_default_settings_run_in_a_cgroup_smaller_than_the_model(big_model):
     """`ripple-gguf run model.gguf` with no budget flags on a machine with less memory than the model:
-    the default cache comes from the cgroup's limit (not the whole FFN), and the run completes. (Here
-    the fixed allowances plus one layer of cache exceed what the cgroup leaves, so the run takes the
-    stock path and says why; the pack path at its minimum cache had peaked at 155 MiB of 170.)"""
+    the default cache comes from the cgroup's limit (not the whole FFN), and the run completes on the
+    pack path: resident non-FFN weights plus the allowances do not fit what the cgroup leaves, the
+    pack path with them mapped and the minimum cache does (peaked at 56 MiB of 170)."""
     from ripple_gguf.cgroup import MemoryCgroup
     from ripple_gguf.memory_budget import gguf_ffn_split
     ffn, other = gguf_ffn_split(str(big_model))
@@ -642,7 +642,7 @@ def test_default_settings_run_in_a_cgroup_smaller_than_the_model(big_model):
     split = res["memory"]["budget_split"]
     assert "memory cgroup" in split["available_from"] and split["available"] <= limit
     assert split["cache"] < ffn and len(res["tokens"]) == 16
-    assert res["mode"] == "sparse" or "do not fit" in res["ripple"]["reason"]
+    assert res["mode"] == "sparse" and split["below_minimum"] and split["mapped_fits"], split
 
 
 def test_available_memory_sees_the_cgroup_limit():
@@ -668,7 +668,8 @@ def test_memory_budget_is_what_the_whole_process_may_use(packed):
     pk = open_pack(path)
     _, other = mb.gguf_ffn_split(str(path))
     pred = pk.file_bytes - pk.ffn_pack_bytes
-    fixed = other + mb.kv_cache_bytes(str(path), KW["n_ctx"]) + mb.COMPUTE_ALLOWANCE + mb.RUNTIME_ALLOWANCE + pred
+    fixed = other + mb.kv_cache_bytes(str(path), KW["n_ctx"]) + mb.llama_compute_bytes(str(path), KW["n_ctx"])
+    fixed += mb.RUNTIME_ALLOWANCE + pred
     want_cache = pk.ffn_pack_bytes // 2
     total = fixed + 64 * 2**20 + want_cache  # headroom: 64 MiB below 640 MiB
     llm = RippleLlama(path, memory_budget=total, **KW)
@@ -732,14 +733,15 @@ def test_defaults_take_the_stock_path_when_not_even_one_layer_of_cache_fits(pack
     pack path that a memory limit kills (ReLU2 bench model at 25% of its size in a cgroup)."""
     import ripple_gguf.memory_budget as mb
     path = packed("tiny-arcee-relu2", "f16")
-    monkeypatch.setattr(mb, "available_memory", lambda: (48 * 2**20, "a 48 MiB test limit"))
+    monkeypatch.setattr(mb, "available_memory", lambda: (16 * 2**20, "a 16 MiB test limit"))
     llm = RippleLlama(path, **KW)
     st = llm.ripple_stats()
     reason = llm.ripple_dense_reason
-    assert llm.ripple_budget_split["below_minimum"]
+    split = llm.ripple_budget_split
+    assert split["below_minimum"] and not split["mapped_fits"]
     text = llm.create_completion("def ", max_tokens=4, temperature=0.0)["choices"][0]["text"]
     llm.close()
-    assert st["mode"] == "dense" and "do not fit in the 48 MiB available" in reason and "--cache-size" in reason
+    assert st["mode"] == "dense" and "do not fit in the 16 MiB available" in reason and "--cache-size" in reason
     assert text
     # a cache size given keeps the pack path (the user asked for it), as does room for the minimum
     pk = open_pack(path)
@@ -749,6 +751,37 @@ def test_defaults_take_the_stock_path_when_not_even_one_layer_of_cache_fits(pack
     monkeypatch.setattr(mb, "available_memory", lambda: (8 * 2**30, "8 GiB"))
     llm = RippleLlama(path, **KW)
     assert llm.ripple_stats()["mode"] == "sparse" and not llm.ripple_budget_split["below_minimum"]
+    llm.close()
+
+
+@pytest.mark.parametrize("point", ["default", "0%"])
+def test_defaults_keep_the_pack_with_mapped_weights_where_only_they_do_not_fit(packed, monkeypatch, point):
+    """Room for the pack path's fixed memory but not for resident non-FFN weights next to one layer
+    of cache: the pack path still runs, weights mapped, minimum cache, direct reads (at a dense point
+    too: it reads only FFN misses where stock re-reads whatever of the model its page cache lacks)."""
+    import ripple_gguf.memory_budget as mb
+    path = packed("tiny-llama-swiglu", "f32")
+    pk = open_pack(path)
+    quality = None if point == "default" else point
+    monkeypatch.setattr(mb, "available_memory", lambda: (8 * 2**30, "8 GiB"))
+    llm = RippleLlama(path, quality=quality, **KW)
+    split = llm.ripple_budget_split
+    llm.close()
+    fixed = split["kv_cache"] + split["compute"] + split["minimum"] + split["predictors"] + mb.RUNTIME_MAPPED
+    avail = fixed + max(8 * 2**20, fixed // 10) + 2**20
+    monkeypatch.setattr(mb, "available_memory", lambda: (avail, "a test limit"))
+    llm = RippleLlama(path, quality=quality, **KW)
+    st, split = llm.ripple_stats(), llm.ripple_budget_split
+    text = llm.create_completion("def ", max_tokens=4, temperature=0.0)["choices"][0]["text"]
+    non_ffn = llm.ripple_non_ffn
+    llm.close()
+    assert split["below_minimum"] and split["mapped_fits"] and "non-FFN weights mapped" in split["note"]
+    assert st["mode"] == "sparse" and non_ffn.startswith("mapped") and text
+    assert st["cache_bytes"] == pk.min_cache_bytes and not st["error"]
+    # a little less and the worst case of llama.cpp's buffers no longer fits: stock
+    monkeypatch.setattr(mb, "available_memory", lambda: (avail - 2 * 2**20, "a test limit"))
+    llm = RippleLlama(path, quality=quality, **KW)
+    assert llm.ripple_stats()["mode"] == "dense" and not llm.ripple_budget_split["mapped_fits"]
     llm.close()
 
 
