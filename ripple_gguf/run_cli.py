@@ -34,8 +34,9 @@ def _add_runtime_args(p, generation: bool = True) -> None:
                    help="everything the process may use, e.g. 1GiB (default: what this machine or its memory cgroup "
                         "has available); the neuron cache gets what is left after non-FFN weights, KV cache, compute "
                         "buffers and 10%% headroom, at most the whole FFN (`run --verbose` prints the split); without "
-                        "it, where not even one layer of cache fits, llama.cpp's stock path runs (its mapped weights "
-                        "are reclaimable: slower, never killed for memory)")
+                        "it, where the non-FFN weights and one layer of cache do not fit, the pack path runs with "
+                        "them mapped and the minimum cache, and where not even that fits, llama.cpp's stock path "
+                        "(its mapped weights are reclaimable: slower, never killed for memory)")
     m.add_argument("--cache-size", metavar="SIZE",
                    help="the neuron cache alone, e.g. 256MiB (instead of a memory budget; keeps the pack path)")
     m.add_argument("--cache-ratio", type=float, metavar="R", help="neuron cache as a share of the FFN bytes, e.g. 0.25")
