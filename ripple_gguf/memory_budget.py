@@ -144,10 +144,13 @@ def mapped_pack_fits(split: dict) -> bool:
     than stock (whose page cache must hold the FFN too) and reads the FFN in merged direct reads:
     SmolLM2 Q4_1 at a dense point, 50% of its size in a cgroup: 12.0 vs 4.8 tok/s; at 35%, where the
     margin says no, it would have been 3.3 vs 4.3."""
-    if split.get("available") is None:
-        return False
+    return split.get("available") is not None and mapped_pack_need(split) <= split["available"]
+
+
+def mapped_pack_need(split: dict) -> int:
+    """The memory mapped_pack_fits asks for: the unreclaimable parts plus their margin."""
     fixed = split["kv_cache"] + split["compute"] + split["minimum"] + split["predictors"] + RUNTIME_MAPPED
-    return fixed + max(8 * MIB, fixed // 10) <= split["available"]
+    return fixed + max(8 * MIB, fixed // 10)
 
 
 def non_ffn_fits(split: dict, cache: int) -> bool:

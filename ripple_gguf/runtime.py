@@ -71,13 +71,16 @@ _u64, _f64 = ctypes.c_uint64, ctypes.c_double
 
 
 class RippleStatsC(ctypes.Structure):
-    """struct llama_ripple_stats (include/llama-ripple.h), field for field."""
-    _fields_ = [(n, _u64) for n in (
-        "tokens", "layer_tokens", "reads", "bytes_read", "useful_bytes", "cache_hits", "cache_misses",
-        "active_neurons", "total_neurons", "preload_reads", "preload_bytes", "cache_bytes", "cache_slots",
-        "pinned_slots", "bundle_bytes", "ffn_bytes", "min_budget", "overhead_bytes", "merge_gap_bytes",
-        "direct_io", "all_active", "error")] + [(n, _f64) for n in ("io_seconds", "t0_us", "bw_mbps", "verify_seconds")] + [
-        ("ahead_neurons", _u64), ("ahead_used", _u64), ("ahead_seconds", _f64), ("ahead_wait_seconds", _f64)]
+    """struct llama_ripple_stats (include/llama-ripple.h), field for field in its order."""
+    _fields_ = [
+        ("tokens", _u64), ("layer_tokens", _u64), ("reads", _u64), ("bytes_read", _u64), ("useful_bytes", _u64),
+        ("cache_hits", _u64), ("cache_misses", _u64), ("active_neurons", _u64), ("total_neurons", _u64),
+        ("preload_reads", _u64), ("preload_bytes", _u64), ("cache_bytes", _u64), ("cache_slots", _u64),
+        ("pinned_slots", _u64), ("bundle_bytes", _u64), ("ffn_bytes", _u64), ("min_budget", _u64),
+        ("overhead_bytes", _u64), ("merge_gap_bytes", _u64), ("direct_io", _u64), ("all_active", _u64),
+        ("error", _u64), ("io_seconds", _f64), ("t0_us", _f64), ("bw_mbps", _f64), ("verify_seconds", _f64),
+        ("ahead_neurons", _u64), ("ahead_used", _u64), ("ahead_seconds", _f64), ("ahead_wait_seconds", _f64),
+    ]
 
 
 _lib_cache = None
@@ -215,7 +218,7 @@ def _direct_by_default(split: dict | None) -> bool:
     charged to the same memory limit and pushing out the mapped weights. Not when a cache size was given
     (no split) or the available memory is unknown."""
     from .memory_budget import whole_model_fits
-    return split is not None and split.get("ffn_room") is not None and not whole_model_fits(split)
+    return split is not None and split.get("available") is not None and not whole_model_fits(split)
 
 
 def _point_info(pk: Pack, index: int) -> dict:

@@ -768,8 +768,7 @@ def test_defaults_keep_the_pack_with_mapped_weights_where_only_they_do_not_fit(p
     llm = RippleLlama(path, quality=quality, **KW)
     split = llm.ripple_budget_split
     llm.close()
-    fixed = split["kv_cache"] + split["compute"] + split["minimum"] + split["predictors"] + mb.RUNTIME_MAPPED
-    avail = fixed + max(8 * 2**20, fixed // 10) + 2**20
+    avail = mb.mapped_pack_need(split) + 2**20
     monkeypatch.setattr(mb, "available_memory", lambda: (avail, "a test limit"))
     llm = RippleLlama(path, quality=quality, **KW)
     st, split = llm.ripple_stats(), llm.ripple_budget_split
