@@ -40,6 +40,16 @@ def _ffn_bytes(r) -> int:
     return sum(ffn_weight_bytes(r, read_ffn_layout(r).n_layer))
 
 
+def stream_layout(path: str) -> tuple[int, int]:
+    """(bytes of every layer's FFN, the least the streamed dense FFN accepts: two layers' staging
+    buffers) as llama-ripple-stream.cpp lays them out: each layer's gate/up/down read in 4 KiB-aligned
+    ranges, tensors at most a page apart merged (counted here at their widest: three extra pages
+    per tensor)."""
+    r = open_header(path)
+    layers = [b + 3 * 3 * 4096 for b in ffn_weight_bytes(r, read_ffn_layout(r).n_layer)]
+    return sum(layers), 2 * max(layers)
+
+
 def gguf_ffn_split(path: str) -> tuple[int, int]:
     """(FFN weight bytes, everything else in the file) of a GGUF (header only: this runs on the load path)."""
     ffn = _ffn_bytes(open_header(path))

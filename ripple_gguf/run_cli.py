@@ -256,6 +256,10 @@ def print_mode_note(args, llm, out) -> None:
         print(f"stock path: {llm.ripple_dense_reason}", file=out)
     if llm.ripple_non_ffn:
         print(f"non-FFN weights: {llm.ripple_non_ffn}", file=out)
+    if llm.ripple_streamed:
+        st = llm.ripple_stats()
+        print(f"FFN: every neuron, llama.cpp's kernels over the GGUF's own FFN tensors: {st['resident_layers']} of "
+              f"{llm.ripple_pack.n_layer} layers in memory, the rest streamed whole, one layer ahead", file=out)
 
 
 def point_line(pt: dict) -> str:

@@ -64,6 +64,7 @@ class RippleParams(ctypes.Structure):
         ("threshold_offset", ctypes.c_double),
         ("warm_cache", ctypes.c_int32),
         ("read_ahead", ctypes.c_int32),
+        ("stream_dense", ctypes.c_int32),
     ]
 
 
@@ -80,6 +81,7 @@ class RippleStatsC(ctypes.Structure):
         ("overhead_bytes", _u64), ("merge_gap_bytes", _u64), ("direct_io", _u64), ("all_active", _u64),
         ("error", _u64), ("io_seconds", _f64), ("t0_us", _f64), ("bw_mbps", _f64), ("verify_seconds", _f64),
         ("ahead_neurons", _u64), ("ahead_used", _u64), ("ahead_seconds", _f64), ("ahead_wait_seconds", _f64),
+        ("stream_dense", _u64), ("resident_layers", _u64),
     ]
 
 
@@ -139,14 +141,20 @@ class RippleOptions:
     read_ahead: bool = True                  # read the next layer's likely misses while a layer computes
 
 
-def budget_bytes(pack: Pack, opts: RippleOptions) -> int:
-    """The neuron-cache size in bytes for --cache-size/--cache-ratio (the whole FFN when neither is
+def ffn_layout(model_path: str, pack: Pack, streamed: bool) -> tuple[int, int]:
+    """(the whole FFN's bytes, the smallest FFN cache the runtime accepts) where the FFN runs from: the
+    pack's bundles (one layer of slots) or, streamed dense, the GGUF's own tensors (two whole layers)."""
+    from .memory_budget import stream_layout
+    return stream_layout(model_path) if streamed else (sum(n * pack.bundle_bytes for n in pack.n_ff), pack.min_cache_bytes)
+
+
+def budget_bytes(layout: tuple[int, int], opts: RippleOptions) -> int:
+    """The FFN cache size in bytes for --cache-size/--cache-ratio (the whole FFN when neither is
     given: the caller then splits --memory-budget or the available memory, memory_budget.py), refused
-    up front when it cannot hold one layer's working set."""
+    up front below the minimum. `layout`: (whole FFN, minimum), see ffn_layout."""
     if sum(v is not None for v in (opts.memory_budget, opts.cache_size, opts.cache_ratio)) > 1:
         raise RippleError("pass one of a memory budget, a cache size or a cache ratio, not several")
-    ffn = sum(n * pack.bundle_bytes for n in pack.n_ff)
-    minimum = pack.min_cache_bytes
+    ffn, minimum = layout
     if opts.cache_ratio is not None:
         if not 0.0 < opts.cache_ratio <= 1.0:
             raise RippleError("--cache-ratio must be in (0, 1], e.g. 0.25")
@@ -156,8 +164,9 @@ def budget_bytes(pack: Pack, opts: RippleOptions) -> int:
     else:
         return ffn
     if budget < minimum:
-        raise RippleError(f"neuron cache {fmt_bytes(budget)} ({budget} bytes) cannot hold one layer's working set; "
-                          f"the minimum for this model is {fmt_bytes(minimum)} ({minimum} bytes): pass "
+        raise RippleError(f"FFN cache {fmt_bytes(budget)} ({budget} bytes) is below what one batch needs; "
+                          f"the minimum for this model is {fmt_bytes(minimum)} ({minimum} bytes: one layer of neurons, "
+                          "or two whole layers where a dense point streams them): pass "
                           f"--cache-size {minimum} or more (or --cache-ratio {minimum / ffn:.3f})")
     return budget
 
@@ -255,7 +264,8 @@ class RippleLlama(llama_cpp.Llama):
                  all_active: bool = False, io_threads: int = 4, direct_io: bool | None = None, pin_percent: int | None = None,
                  t0_us: float | None = None, bw_mbps: float | None = None, merge_gap_bytes: int | None = None,
                  threshold_offset: float = 0.0, warm_cache: bool = True, read_ahead: bool = True, quality=None,
-                 stock_when_dense: bool = True, resident_weights: bool | None = None, **kwargs):
+                 stock_when_dense: bool = True, resident_weights: bool | None = None,
+                 stream_dense: bool | None = None, **kwargs):
         self.ripple_pack: Pack | None = None
         self.ripple_dense_reason: str | None = None
         self.ripple_point: dict | None = None
@@ -263,6 +273,7 @@ class RippleLlama(llama_cpp.Llama):
         self.ripple_non_ffn: str | None = None  # "resident" or "mapped (why)" on the pack path
         self._threshold_offset = float(threshold_offset)
         self._no_predictors = False  # attached at a dense point without the predictors
+        self._streamed = False       # the FFN streamed from the GGUF's own tensors (params.stream_dense)
         self._ripple_busy = threading.Lock()
         model_path = str(model_path)
         if not Path(model_path).is_file():
@@ -276,13 +287,16 @@ class RippleLlama(llama_cpp.Llama):
             return
         try:
             pack = pack or verified_pack(model_path, pack_path)
-            budget = budget_bytes(pack, opts)
             point = pack.op_default if quality is None else choose_point(pack, quality)
             self._no_predictors = not opts.all_active and not loads_predictors(pack, point, stock_when_dense)
+            # every neuron and no predictors: the GGUF's own FFN tensors, streamed (llama-ripple-stream.cpp)
+            self._streamed = self._no_predictors if stream_dense is None else bool(stream_dense)
             from .memory_budget import default_cache_budget, non_ffn_fits
+            layout = ffn_layout(model_path, pack, self._streamed)
+            budget = budget_bytes(layout, opts)
             default_cache, split = default_cache_budget(
                 model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
-                pack.min_cache_bytes, predictor_bytes(pack, point, stock_when_dense),
+                layout[1], predictor_bytes(pack, point, stock_when_dense),
                 total=None if opts.memory_budget is None else parse_size(opts.memory_budget),
                 n_ubatch=int(kwargs.get("n_ubatch") or kwargs.get("n_batch") or 512),
                 logits_all=bool(kwargs.get("logits_all")))
@@ -291,7 +305,7 @@ class RippleLlama(llama_cpp.Llama):
             resident, non_ffn = _non_ffn_resident(resident_weights, non_ffn_fits(split, budget), kwargs)
             if direct_io is None:
                 direct_io = _direct_by_default(self.ripple_budget_split)
-            if stock_when_dense and self._stock_is_the_same(model_path, pack, point, opts, kwargs, resident):
+            if stock_when_dense and stream_dense is not True and self._stock_is_the_same(model_path, pack, point, opts, kwargs, resident):
                 return
             lib = ripple_lib()
         except RippleError as e:
@@ -324,6 +338,7 @@ class RippleLlama(llama_cpp.Llama):
         params.threshold_offset = float(threshold_offset)
         params.warm_cache = int(bool(warm_cache))
         params.read_ahead = int(bool(read_ahead))
+        params.stream_dense = int(self._streamed)
         mp = model_path.encode()
         if lib.llama_ripple_register(mp, str(pack.path).encode(), ctypes.byref(params)) != 0:
             raise RippleError(lib.llama_ripple_last_error(None).decode(errors="replace"))
@@ -402,6 +417,11 @@ class RippleLlama(llama_cpp.Llama):
     # --- sparse-runtime state -------------------------------------------------------------------
 
     @property
+    def ripple_streamed(self) -> bool:
+        """Is the FFN the GGUF's own tensors, streamed (a dense point), rather than the pack's bundles?"""
+        return self._streamed and self.ripple_active
+
+    @property
     def ripple_active(self) -> bool:
         return self.ripple_pack is not None
 
@@ -447,7 +467,8 @@ class RippleLlama(llama_cpp.Llama):
         d["error"] = bool(d["error"])
         d["direct_io"] = bool(d["direct_io"])
         d["all_active"] = bool(d["all_active"])
-        d["mode"] = "sparse"
+        d["stream_dense"] = bool(d["stream_dense"])
+        d["mode"] = "sparse"  # the runtime is attached (stream_dense: computing every neuron, streamed)
         lookups = d["cache_hits"] + d["cache_misses"]
         d["cache_hit_rate"] = d["cache_hits"] / lookups if lookups else 0.0
         d["predicted_density"] = d["active_neurons"] / d["total_neurons"] if d["total_neurons"] else 0.0

@@ -116,6 +116,7 @@ def _measure(a: dict, text: str) -> dict:
            "stock_reason": getattr(llm, "ripple_dense_reason", None),
            "non_ffn_weights": getattr(llm, "ripple_non_ffn", None)}
     if s1.get("mode") == "sparse":
+        out["streamed"] = bool(s1.get("stream_dense"))  # dense point: the GGUF's own FFN tensors, streamed
         out["decode_stats"] = phase(s1, s0, n, decode_s)
         out.update({k: s1[k] for k in ("cache_bytes", "overhead_bytes", "t0_us", "bw_mbps")})
     llm.close()
@@ -158,14 +159,16 @@ def model_info(gguf: str, text_path: str, need_tokens: int) -> dict:
         raise RippleError(f"{text_path}: no such file; pass a text file with --text")
     from ..pack import open_pack
     from ..memory_budget import gguf_ffn_split
-    from ..runtime import predictor_bytes
+    from ..runtime import ffn_layout, loads_predictors, predictor_bytes
     pack = open_pack(gguf)  # RippleError naming `ripple-gguf pack` when missing or not bound to this GGUF
     ffn, other = gguf_ffn_split(gguf)
+    streamed = not loads_predictors(pack, pack.op_default)  # a dense default point streams the GGUF's FFN
+    whole, minimum = ffn_layout(gguf, pack, streamed)
     info = {"gguf": os.path.abspath(gguf), "gguf_bytes": os.path.getsize(gguf), "ffn_bytes": ffn,
             "non_ffn_bytes": other, "pack": os.path.abspath(pack.path), "pack_bytes": pack.file_bytes,
             "predictor_bytes": predictor_bytes(pack, pack.op_default), "n_layer": pack.n_layer, "n_ff": list(pack.n_ff),
-            "min_cache_bytes": pack.min_cache_bytes,
-            "max_cache_bytes": pack.every_slot_bytes}
+            "min_cache_bytes": minimum, "max_cache_bytes": whole if streamed else pack.every_slot_bytes,
+            "streamed": streamed}
     import llama_cpp
     from llama_cpp._internals import LlamaModel
     params = llama_cpp.llama_model_default_params()

@@ -1,0 +1,119 @@
+"""The streamed dense FFN (operating points that compute every neuron; llama-ripple-stream.cpp).
+
+What is checked: llama.cpp's own dense FFN over the GGUF's own tensors, read into memory or streamed
+layer by layer (one layer ahead or not, O_DIRECT or not, an even or odd number of streamed layers), is
+bit-identical to the stock path for prompt batches and token by token (F16; Q4_0 within rounding:
+stock repacks it for other kernels); it reads only the GGUF's FFN
+tensors; the defaults choose it at a dense point; a budget below two layers and a failing read are
+clear errors.
+"""
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+
+from ripple_gguf.errors import RippleError
+from ripple_gguf.gguf_io import open_header
+from ripple_gguf.memory_budget import stream_layout
+from ripple_gguf.runtime import RippleLlama, ripple_lib
+
+from conftest import FIXTURES, all_logits, prompts
+from test_runtime import chunked_logits, packed  # noqa: F401 (fixture)
+
+KW = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
+# stock runs Q4_0 weights repacked for ggml's interleaved kernels (another summation order), the streamed
+# layers the plain ones: max |diff| / max |logit| measured 1.2e-3 on the arcee fixture, 0 on llama
+REPACK_TOL = 5e-3
+
+
+def ffn_ranges(path) -> list[tuple[int, int]]:
+    """[start, end) of every FFN weight tensor in the GGUF, widened to 4 KiB pages."""
+    out = []
+    for t in open_header(str(path)).tensors:
+        if t.name.startswith("blk.") and t.name.split(".")[2] in ("ffn_gate", "ffn_up", "ffn_down"):
+            out.append((int(t.data_offset) // 4096 * 4096, -(-(int(t.data_offset) + int(t.n_bytes)) // 4096) * 4096))
+    return out
+
+
+def layer_bytes(path) -> int:
+    whole, minimum = stream_layout(str(path))
+    return minimum // 2
+
+
+@pytest.mark.parametrize("model", FIXTURES)
+@pytest.mark.parametrize("outtype", ["f16", "q4_0"])
+def test_streamed_dense_is_bit_identical_to_stock(packed, model, outtype):
+    path = packed(model, outtype)
+    dense = RippleLlama(path, dense=True, logits_all=True, **KW)
+    ps = prompts(dense, n=2, length=40)
+    ref = (all_logits(dense, ps), chunked_logits(dense, ps, 1), chunked_logits(dense, ps, 5))
+    dense.close()
+    _, minimum = stream_layout(str(path))
+    cases = [  # (budget, read ahead, O_DIRECT, layers expected in memory)
+        (None, True, False, 4),              # everything in memory
+        (minimum, True, True, 0),            # every layer streamed, 4: the next batch's first is read ahead
+        (minimum, False, False, 0),
+        (minimum + layer_bytes(path), True, False, 1),  # 3 streamed: the wrap shares a buffer
+    ]
+    for budget, ahead, direct, resident in cases:
+        llm = RippleLlama(path, stream_dense=True, logits_all=True, read_ahead=ahead, direct_io=direct,
+                          **({} if budget is None else {"cache_size": budget}), **KW)
+        llm.ripple_trace(True)
+        got = (all_logits(llm, ps), chunked_logits(llm, ps, 1), chunked_logits(llm, ps, 5))
+        st, trace = llm.ripple_stats(), llm.ripple_trace(False)
+        llm.close()
+        what = f"{model} {outtype} budget {budget} ahead {ahead} direct {direct}"
+        assert st["stream_dense"] and st["all_active"] and not st["error"], what
+        assert st["resident_layers"] == resident, what
+        for r, g in zip(ref, got):
+            if outtype == "f16":
+                np.testing.assert_array_equal(g, r, err_msg=what)
+            else:  # stock runs Q4_0 on ggml's repacked (interleaved) kernels, ours on the plain ones
+                assert np.abs(g - r).max() <= REPACK_TOL * np.abs(r).max(), what
+                assert (g.argmax(1) == r.argmax(1)).mean() >= 0.99, what
+        ranges = ffn_ranges(path)
+        assert all(any(a <= off and off + n <= b + 4096 for a, b in ranges) for off, n in trace), what
+        if resident < 4:
+            assert st["bytes_read"] >= st["useful_bytes"] > 0 and st["cache_misses"] > 0, what
+            assert (st["ahead_used"] > 0) == ahead, what
+        else:
+            assert st["bytes_read"] == 0 and trace == [], what
+
+
+def test_defaults_stream_a_dense_point(packed):
+    """At an operating point that computes every neuron (--quality 0%), the runtime streams the GGUF's
+    own FFN tensors instead of the pack's bundles: the stock path's numbers, bit for bit."""
+    path = packed("tiny-llama-swiglu", "q8_0")
+    whole, minimum = stream_layout(str(path))
+    llm = RippleLlama(path, quality="0%", cache_size=minimum, **KW)
+    out = llm.create_completion("Once upon a time", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    st = llm.ripple_stats()
+    llm.close()
+    dense = RippleLlama(path, dense=True, **KW)
+    ref = dense.create_completion("Once upon a time", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    dense.close()
+    assert st["stream_dense"] and st["resident_layers"] == 0 and st["bytes_read"] > 0
+    assert out == ref
+
+
+def test_budget_below_two_streamed_layers_is_refused_with_the_minimum(packed):
+    path = packed("tiny-llama-swiglu", "f16")
+    _, minimum = stream_layout(str(path))
+    with pytest.raises(RippleError, match=f"minimum for this model is .*\\({minimum} bytes"):
+        RippleLlama(path, stream_dense=True, cache_size=minimum - 4096, **KW)
+
+
+@pytest.mark.parametrize("after_reads", [0, 3])
+def test_read_error_while_streaming_is_a_clear_sticky_error(packed, after_reads):
+    path = packed("tiny-llama-swiglu", "f16")
+    _, minimum = stream_layout(str(path))
+    llm = RippleLlama(path, stream_dense=True, cache_size=minimum, **KW)
+    llm.create_completion("Once", max_tokens=2)
+    assert ripple_lib().llama_ripple_inject_fault(llm.model, after_reads, errno.EIO) == 0
+    with pytest.raises(RippleError, match=f"{path}.*(Input/output error|I/O error)"):
+        llm.create_completion("Once upon a time there", max_tokens=6)
+    with pytest.raises(RippleError):  # sticky
+        llm.create_completion("x", max_tokens=2)
+    llm.close()
