@@ -235,9 +235,21 @@ def _point_info(pk: Pack, index: int) -> dict:
             "ppl_increase": float(pk.op_ppl_increase[index]), "default": index == pk.op_default}
 
 
-# Operating points at least this dense run llama.cpp's stock path unless a budget is given: the pack
-# would read and compute nearly the whole FFN, slower than stock (see RippleLlama._stock_is_the_same)
+# Operating points at least this dense run llama.cpp's stock path unless a budget is given or the model
+# does not fit (see RippleLlama._stock_is_the_same), and on the runtime they compute every neuron with the
+# GGUF's own FFN tensors streamed (see streams)
 STOCK_PATH_DENSITY = 0.9
+
+
+def streams(pk: Pack, point: int, stock_when_dense: bool = True, all_active: bool = False) -> bool:
+    """Does RippleLlama stream the GGUF's own FFN tensors and compute every neuron (llama-ripple-stream.cpp)
+    at stored operating point `point`? At a point this dense the pack's bundles would be read nearly
+    whole, and they are more bytes than the GGUF's tensors (down rows requantized per neuron, Q8_0 for
+    a Q4_1 model: +23%) in per-neuron runs computed by our kernels; streamed, each layer is one large
+    read computed by llama.cpp's own kernels, exactly (SmolLM2 Q4_1 at 75% of its size in a cgroup:
+    30.5 vs 15.3 tok/s). Not where the caller keeps the predictors to move along the curve
+    (stock_when_dense=False) or asked for the pack's own every-neuron path (all_active)."""
+    return stock_when_dense and not all_active and float(pk.op_density[point]) >= STOCK_PATH_DENSITY
 
 
 class RippleLlama(llama_cpp.Llama):
@@ -288,25 +300,29 @@ class RippleLlama(llama_cpp.Llama):
         try:
             pack = pack or verified_pack(model_path, pack_path)
             point = pack.op_default if quality is None else choose_point(pack, quality)
-            self._no_predictors = not opts.all_active and not loads_predictors(pack, point, stock_when_dense)
-            # every neuron and no predictors: the GGUF's own FFN tensors, streamed (llama-ripple-stream.cpp)
-            self._streamed = self._no_predictors if stream_dense is None else bool(stream_dense)
-            from .memory_budget import default_cache_budget, non_ffn_fits
-            layout = ffn_layout(model_path, pack, self._streamed)
-            budget = budget_bytes(layout, opts)
-            default_cache, split = default_cache_budget(
-                model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
-                layout[1], predictor_bytes(pack, point, stock_when_dense),
-                total=None if opts.memory_budget is None else parse_size(opts.memory_budget),
-                n_ubatch=int(kwargs.get("n_ubatch") or kwargs.get("n_batch") or 512),
-                logits_all=bool(kwargs.get("logits_all")))
+            # streamed (a dense point) where its two layers fit, else the pack's bundles (one layer)
+            tries = [bool(stream_dense)] if stream_dense is not None else \
+                [True, False] if streams(pack, point, stock_when_dense, opts.all_active) else [False]
+            for self._streamed in tries:
+                self._no_predictors = self._streamed or (not opts.all_active and not loads_predictors(pack, point, stock_when_dense))
+                try:
+                    budget, default_cache, split = self._split(model_path, pack, point, opts, kwargs)
+                except RippleError:
+                    if self._streamed is tries[-1]:
+                        raise
+                    continue
+                if not (self._streamed and split and split.get("below_minimum") and not split.get("mapped_fits")):
+                    break
             if opts.cache_size is None and opts.cache_ratio is None:
                 budget, self.ripple_budget_split = default_cache, split
+            from .memory_budget import non_ffn_fits
             resident, non_ffn = _non_ffn_resident(resident_weights, non_ffn_fits(split, budget), kwargs)
             if direct_io is None:
                 direct_io = _direct_by_default(self.ripple_budget_split)
             if stock_when_dense and stream_dense is not True and self._stock_is_the_same(model_path, pack, point, opts, kwargs, resident):
                 return
+            if self._streamed:  # every neuron: the dense point, exact
+                point = 0
             lib = ripple_lib()
         except RippleError as e:
             if not dense_fallback:
@@ -360,19 +376,32 @@ class RippleLlama(llama_cpp.Llama):
         self.ripple_pack = pack
         self.ripple_set_point(point)
 
+    def _split(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs) -> tuple[int, int, dict]:
+        """(the FFN cache asked for, the default one, how the memory splits) for the FFN the runtime
+        would run from (self._streamed); RippleError when the budget cannot hold its minimum."""
+        from .memory_budget import default_cache_budget
+        layout = ffn_layout(model_path, pack, self._streamed)
+        budget = budget_bytes(layout, opts)
+        default_cache, split = default_cache_budget(
+            model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
+            layout[1], 0 if self._no_predictors or opts.all_active else predictor_bytes(pack, point, False),
+            total=None if opts.memory_budget is None else parse_size(opts.memory_budget),
+            n_ubatch=int(kwargs.get("n_ubatch") or kwargs.get("n_batch") or 512),
+            logits_all=bool(kwargs.get("logits_all")))
+        return budget, default_cache, split
+
     def _stock_is_the_same(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs,
                            resident: bool) -> bool:
-        """At a (nearly) dense operating point with no budget given, the pack path reads about the
-        same FFN bytes per token as llama.cpp's stock path and computes them slower when the whole
-        model fits (SmolLM2 warm decode 0.8x stock with every neuron, ~0.9x at density 0.67), so
-        llama.cpp's stock path runs there, saying why. When the model does not fit, the pack path runs
+        """At a (nearly) dense operating point with no budget given, where the whole model fits,
+        llama.cpp's stock path runs, saying why: the runtime would compute the same FFN (streamed, with
+        every layer in memory: the same speed, 1.0-1.07x). When the model does not fit, the runtime runs
         wherever its fixed memory fits: with the non-FFN weights resident where they fit next to a
-        cache, else mapped with the minimum cache (memory_budget.mapped_pack_fits). It reads only FFN
-        misses, in merged direct reads, where stock re-reads whatever of the whole model its page cache
-        cannot hold (SmolLM2 Q4_1 at a dense point in a cgroup of 50% of its size, weights mapped: 12.0
-        vs 4.8 tok/s). Where not even that fits, stock (its mmap'd weights are page
-        cache the kernel reclaims: slower, never an OOM kill). Loads stock and returns True when that
-        is the case."""
+        cache, else mapped with the minimum cache (memory_budget.mapped_pack_fits). It streams the
+        GGUF's own FFN tensors in whole-layer direct reads (a dense point; see streams) or reads the
+        pack's misses, where stock re-reads whatever of the whole model its page cache cannot hold
+        (SmolLM2 Q4_1 in a cgroup of 75% / 50% of its size, weights mapped: 30.5 / 16.8 vs 9.4 / 6.0
+        tok/s). Where not even that fits, stock (its mmap'd weights are page cache the kernel
+        reclaims: slower, never an OOM kill). Loads stock and returns True when that is the case."""
         from .memory_budget import MIB, whole_model_fits
         split = self.ripple_budget_split  # None when --cache-size/--cache-ratio was given
         density = float(pack.op_density[point])

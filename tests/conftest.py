@@ -45,6 +45,19 @@ def converted(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def packed(converted):
+    """packed(model, outtype) -> GGUF path with its OUT.ripple next to it."""
+    from ripple_gguf.pack import pack_path_for
+
+    def get(model: str, outtype: str = "f32") -> Path:
+        path = converted(model, outtype)
+        if not pack_path_for(path).is_file():
+            run_cli("pack", path, "--calib", CALIB, "--calib-tokens", 8192, check=True)
+        return path
+    return get
+
+
+@pytest.fixture(scope="session")
 def converted_with(tmp_path_factory):
     """converted_with(src, *args) -> path of `ripple-gguf convert SRC -o OUT *args` (once per session;
     calibration from models/text/calib.txt)."""

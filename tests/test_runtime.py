@@ -44,19 +44,9 @@ PPL_TOL = 0.05
 STATED_OVERHEAD = 24 * 2**20
 KW = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
 # the sparse runtime itself: a given cache size keeps the pack even at an operating point dense enough
-# that default settings run llama.cpp's stock path (RippleLlama._stock_is_the_same)
-PACK = dict(cache_ratio=1.0)
-
-
-@pytest.fixture(scope="session")
-def packed(converted):
-    """packed(model, outtype) -> GGUF path with its OUT.ripple next to it."""
-    def get(model: str, outtype: str = "f32") -> Path:
-        path = converted(model, outtype)
-        if not pack_path_for(path).is_file():
-            run_cli("pack", path, "--calib", CALIB, "--calib-tokens", 8192, check=True)
-        return path
-    return get
+# that default settings run llama.cpp's stock path (RippleLlama._stock_is_the_same), and stream_dense=False
+# its bundles and predictor where such a point would stream the GGUF's own FFN (test_stream.py)
+PACK = dict(cache_ratio=1.0, stream_dense=False)
 
 
 # --- sparse == dense --------------------------------------------------------------------------------
@@ -428,7 +418,7 @@ def test_a_cache_that_holds_the_whole_ffn_is_filled_at_load(packed):
     never waits on a read (it used to keep one layer of slots free and miss ~2% of neurons)."""
     path = packed("tiny-llama-swiglu", "f32")
     pk = open_pack(path)
-    llm = RippleLlama(path, cache_size=pk.every_slot_bytes, **KW)
+    llm = RippleLlama(path, cache_size=pk.every_slot_bytes, stream_dense=False, **KW)
     llm.ripple_reset_stats()
     for tok in llm.tokenize(b"def f(x):\n    return x + 1"):
         llm.eval([tok])
@@ -672,7 +662,7 @@ def test_memory_budget_is_what_the_whole_process_may_use(packed):
     fixed += mb.RUNTIME_ALLOWANCE + pred
     want_cache = pk.ffn_pack_bytes // 2
     total = fixed + 64 * 2**20 + want_cache  # headroom: 64 MiB below 640 MiB
-    llm = RippleLlama(path, memory_budget=total, **KW)
+    llm = RippleLlama(path, memory_budget=total, stream_dense=False, **KW)  # the pack's bundles (test_stream: streamed)
     split = llm.ripple_budget_split
     assert split["available_from"] == "--memory-budget" and split["available"] == total
     assert split["cache"] == want_cache

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import urllib.request
 
 import pytest
 
-from ripple_gguf.pack import pack_path_for
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

@@ -20,7 +20,7 @@ from ripple_gguf.memory_budget import stream_layout
 from ripple_gguf.runtime import RippleLlama, ripple_lib
 
 from conftest import FIXTURES, all_logits, prompts
-from test_runtime import chunked_logits, packed  # noqa: F401 (fixture)
+from test_runtime import chunked_logits
 
 KW = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
 # stock runs Q4_0 weights repacked for ggml's interleaved kernels (another summation order), the streamed
@@ -117,3 +117,20 @@ def test_read_error_while_streaming_is_a_clear_sticky_error(packed, after_reads)
     with pytest.raises(RippleError):  # sticky
         llm.create_completion("x", max_tokens=2)
     llm.close()
+
+
+def test_memory_budget_at_a_dense_point_holds_the_layers_that_fit(packed):
+    """--memory-budget at a dense point: what is left after the fixed parts holds whole layers of the
+    GGUF's FFN in memory (no predictors are loaded), the rest is streamed."""
+    from ripple_gguf import memory_budget as mb
+    path = packed("tiny-llama-swiglu", "f32")
+    whole, minimum = stream_layout(str(path))
+    _, other = mb.gguf_ffn_split(str(path))
+    fixed = other + mb.kv_cache_bytes(str(path), KW["n_ctx"]) + mb.llama_compute_bytes(str(path), KW["n_ctx"])
+    fixed += mb.RUNTIME_ALLOWANCE
+    want = minimum + whole // 4
+    llm = RippleLlama(path, quality="0%", memory_budget=fixed + 64 * 2**20 + want, **KW)  # headroom 64 MiB
+    split, st = llm.ripple_budget_split, llm.ripple_stats()
+    llm.close()
+    assert st["stream_dense"] and split["cache"] == want and split["predictors"] == 0
+    assert 1 <= st["resident_layers"] < 4 and st["cache_bytes"] <= want

@@ -37,7 +37,7 @@ from ripple_gguf.errors import RippleError
 from ripple_gguf.pack import open_pack, pack_path_for
 from ripple_gguf.runtime import RippleLlama, RippleStatsC, ripple_lib
 
-from conftest import CALIB, HELDOUT, MODELS, all_logits, prompts, run_cli
+from conftest import CALIB, MODELS, all_logits, prompts, run_cli
 
 KW = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
 # what dense's rounding of the FFN intermediate (and then of every later input) adds, by the

@@ -3,8 +3,9 @@ pack path with the whole FFN cached, on one converted GGUF (the README's "Speed,
 
     .venv/bin/python tools/bench_warm.py build/bench/SmolLM2-135M-Instruct.Q4_1-ripple.gguf
 
-Per round: stock (RippleLlama dense=True); the pack path computing every neuron without the
-predictor (what a dense operating point runs); every neuron with the predictor and selection on
+Per round: stock (RippleLlama dense=True); every neuron streamed from the GGUF's own FFN tensors, all
+held in memory (what a dense operating point runs); the pack path computing every neuron without the
+predictor; every neuron with the predictor and selection on
 (thresholds out of reach, floor 1); and the sparsest operating point the pack stores. Each figure is the best of `--repeats` timings in its process;
 rounds alternate so that this shared machine's noise hits every mode alike: read the ratios.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ripple_gguf.bench.scale import force_density  # noqa: E402
+from ripple_gguf.memory_budget import stream_layout  # noqa: E402
 from ripple_gguf.runtime import RippleLlama, verified_pack  # noqa: E402
 
 TEXT = Path(__file__).resolve().parents[1] / "models" / "text" / "heldout.txt"
@@ -58,9 +60,14 @@ def main() -> int:
         prompt = llm.tokenize(TEXT.read_text().encode())[:a.prompt_tokens]
         r["stock"] = measure(llm, prompt, a.decode, a.repeats)
         llm.close()
+        llm = RippleLlama(a.gguf, pack=pk, stream_dense=True, cache_size=stream_layout(a.gguf)[0],
+                          resident_weights=True, **common)
+        r["every neuron, streamed (a dense point: the GGUF's own FFN, all in memory)"] = measure(
+            llm, prompt, a.decode, a.repeats)
+        llm.close()
         cached = dict(pack=pk, cache_size=pk.every_slot_bytes, stock_when_dense=False, resident_weights=True)
         llm = RippleLlama(a.gguf, all_active=True, **cached, **common)
-        r["every neuron (a dense point: no predictor)"] = measure(llm, prompt, a.decode, a.repeats)
+        r["every neuron from the pack's bundles (no predictor)"] = measure(llm, prompt, a.decode, a.repeats)
         llm.close()
         llm = RippleLlama(a.gguf, **cached, **common)
         force_density(llm, 1.0)

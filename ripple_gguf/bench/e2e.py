@@ -94,7 +94,9 @@ def _measure(a: dict, text: str) -> dict:
     def greedy() -> int:  # without logits_all, llama-cpp-python keeps no logits: read the context's
         return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))))
     stats = getattr(llm, "ripple_stats", dict)
-    prompt = llm.tokenize(text.encode(), add_bos=True, special=False)[:a["prompt_tokens"]]
+    # a prefix of the text: llama.cpp's tokenizer on the whole file is a transient of several MiB that the
+    # overhead measurement (sampled) can miss, and then the tight cgroups of the runs OOM-kill the worker
+    prompt = llm.tokenize(text[:64 * a["prompt_tokens"]].encode(), add_bos=True, special=False)[:a["prompt_tokens"]]
     t0 = time.perf_counter()
     llm.eval(prompt)
     ids = [greedy()]
@@ -127,7 +129,7 @@ def _perplexity(a: dict, text: str) -> dict:
     from ..perplexity import perplexity
     ctx = a["ctx"]
     llm = _load(a, ctx, logits_all=True, n_batch=ctx, n_ubatch=ctx)  # as `ripple-gguf eval` does
-    tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
+    tokens = llm.tokenize(text[:64 * ctx * (a["ppl_chunks"] + 1)].encode(), add_bos=True, special=False)  # see _measure
     bos = llm.token_bos() if llm.token_bos() >= 0 else None
     ppl, scored = perplexity(llm, tokens, ctx, bos, a["ppl_chunks"])
     llm.close()
@@ -159,14 +161,14 @@ def model_info(gguf: str, text_path: str, need_tokens: int) -> dict:
         raise RippleError(f"{text_path}: no such file; pass a text file with --text")
     from ..pack import open_pack
     from ..memory_budget import gguf_ffn_split
-    from ..runtime import ffn_layout, loads_predictors, predictor_bytes
+    from ..runtime import ffn_layout, predictor_bytes, streams
     pack = open_pack(gguf)  # RippleError naming `ripple-gguf pack` when missing or not bound to this GGUF
     ffn, other = gguf_ffn_split(gguf)
-    streamed = not loads_predictors(pack, pack.op_default)  # a dense default point streams the GGUF's FFN
+    streamed = streams(pack, pack.op_default)  # a dense default point streams the GGUF's own FFN
     whole, minimum = ffn_layout(gguf, pack, streamed)
     info = {"gguf": os.path.abspath(gguf), "gguf_bytes": os.path.getsize(gguf), "ffn_bytes": ffn,
             "non_ffn_bytes": other, "pack": os.path.abspath(pack.path), "pack_bytes": pack.file_bytes,
-            "predictor_bytes": predictor_bytes(pack, pack.op_default), "n_layer": pack.n_layer, "n_ff": list(pack.n_ff),
+            "predictor_bytes": 0 if streamed else predictor_bytes(pack, pack.op_default), "n_layer": pack.n_layer, "n_ff": list(pack.n_ff),
             "min_cache_bytes": minimum, "max_cache_bytes": whole if streamed else pack.every_slot_bytes,
             "streamed": streamed}
     import llama_cpp
