@@ -32,13 +32,16 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     m = p.add_mutually_exclusive_group()
     m.add_argument("--memory-budget", metavar="SIZE",
                    help="everything the process may use, e.g. 1GiB (default: what this machine or its memory cgroup "
-                        "has available); the neuron cache gets what is left after non-FFN weights, KV cache, compute "
-                        "buffers and 10%% headroom, at most the whole FFN (`run --verbose` prints the split); without "
-                        "it, where the non-FFN weights and one layer of cache do not fit, the pack path runs with "
-                        "them mapped and the minimum cache, and where not even that fits, llama.cpp's stock path "
-                        "(its mapped weights are reclaimable: slower, never killed for memory)")
+                        "has available); the FFN cache gets what is left after non-FFN weights, KV cache, compute "
+                        "buffers and 10%% headroom, at most the whole FFN (`run --verbose` prints the split). At a "
+                        "point computing >= 90%% of the neurons every neuron is computed from the GGUF's own FFN "
+                        "tensors: the layers that fit held in memory, the rest streamed; elsewhere from the pack. "
+                        "Without it, where the model fits, llama.cpp's stock path runs at such a point; where the "
+                        "non-FFN weights and the cache do not fit, they stay mapped next to the minimum cache, and "
+                        "where not even that fits, the stock path (its mapped weights are reclaimable: slower, never "
+                        "killed for memory)")
     m.add_argument("--cache-size", metavar="SIZE",
-                   help="the neuron cache alone, e.g. 256MiB (instead of a memory budget; keeps the pack path)")
+                   help="the FFN cache alone, e.g. 256MiB (instead of a memory budget; keeps the runtime)")
     m.add_argument("--cache-ratio", type=float, metavar="R", help="neuron cache as a share of the FFN bytes, e.g. 0.25")
     _add_either_or(p, "resident_weights",
                    ("--resident-weights", "read the non-FFN weights into memory even where they do not seem to fit "

@@ -311,7 +311,8 @@ class RippleLlama(llama_cpp.Llama):
                     if self._streamed is tries[-1]:
                         raise
                     continue
-                if not (self._streamed and split and split.get("below_minimum") and not split.get("mapped_fits")):
+                given = opts.cache_size is not None or opts.cache_ratio is not None
+                if not (self._streamed and not given and split.get("below_minimum") and not split.get("mapped_fits")):
                     break
             if opts.cache_size is None and opts.cache_ratio is None:
                 budget, self.ripple_budget_split = default_cache, split

@@ -134,3 +134,17 @@ def test_memory_budget_at_a_dense_point_holds_the_layers_that_fit(packed):
     llm.close()
     assert st["stream_dense"] and split["cache"] == want and split["predictors"] == 0
     assert 1 <= st["resident_layers"] < 4 and st["cache_bytes"] <= want
+
+
+def test_a_cache_size_given_keeps_the_stream_where_its_minimum_would_not_fit(packed, monkeypatch):
+    """The streamed FFN's minimum is two whole layers, the pack's one layer of bundles: default settings
+    fall back to the pack where only its minimum fits what is available, but a cache size given that
+    holds two layers is what the user asked for."""
+    import ripple_gguf.memory_budget as mb
+    path = packed("tiny-llama-swiglu", "f32")
+    _, minimum = stream_layout(str(path))
+    monkeypatch.setattr(mb, "available_memory", lambda: (8 * 2**20, "an 8 MiB test limit"))
+    llm = RippleLlama(path, quality="0%", cache_size=minimum, **KW)
+    st, split = llm.ripple_stats(), llm.ripple_budget_split
+    llm.close()
+    assert split is None and st["stream_dense"] and st["resident_layers"] == 0 and not st["error"]
