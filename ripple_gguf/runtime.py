@@ -262,10 +262,12 @@ class RippleLlama(llama_cpp.Llama):
     RippleLlama("m.gguf", pack=verified_pack("m.gguf"))  # reuse a pack verified earlier
     RippleLlama("m.gguf", quality="1%")                 # the sparsest stored operating point within +1%
                                                         # perplexity on calibration text (default: the pack's)
-    At an operating point of density >= STOCK_PATH_DENSITY with no budget given, the stock path runs
-    unless the model does not fit and its non-FFN weights do (see ripple_stats()["reason"]);
-    stock_when_dense=False keeps the pack attached. On the pack path the non-FFN weights are read into
-    memory where they fit next to the neuron cache (resident_weights=True/False forces it either way).
+    At an operating point of density >= STOCK_PATH_DENSITY every neuron is computed from the GGUF's own
+    FFN tensors, streamed where they do not all fit (see streams; stream_dense=False: the pack's
+    bundles), and with no budget given the stock path runs where the whole model fits (see
+    ripple_stats()["reason"]); stock_when_dense=False keeps the pack and its predictors attached. On the
+    runtime the non-FFN weights are read into memory where they fit next to the FFN cache
+    (resident_weights=True/False forces it either way).
     A use_mmap= the caller passes decides it too (use_mmap=False: resident).
     Everything else (n_ctx, n_threads, chat_format, verbose, ...) goes to `llama_cpp.Llama`.
     """
@@ -303,18 +305,19 @@ class RippleLlama(llama_cpp.Llama):
             # streamed (a dense point) where its two layers fit, else the pack's bundles (one layer)
             tries = [bool(stream_dense)] if stream_dense is not None else \
                 [True, False] if streams(pack, point, stock_when_dense, opts.all_active) else [False]
-            for self._streamed in tries:
+            given = opts.cache_size is not None or opts.cache_ratio is not None
+            for i, self._streamed in enumerate(tries):
+                last = i == len(tries) - 1
                 self._no_predictors = self._streamed or (not opts.all_active and not loads_predictors(pack, point, stock_when_dense))
                 try:
                     budget, default_cache, split = self._split(model_path, pack, point, opts, kwargs)
-                except RippleError:
-                    if self._streamed is tries[-1]:
+                except RippleError:  # below the stream's minimum: the pack's may still fit
+                    if last:
                         raise
                     continue
-                given = opts.cache_size is not None or opts.cache_ratio is not None
-                if not (self._streamed and not given and split.get("below_minimum") and not split.get("mapped_fits")):
+                if last or given or not (split.get("below_minimum") and not split.get("mapped_fits")):
                     break
-            if opts.cache_size is None and opts.cache_ratio is None:
+            if not given:
                 budget, self.ripple_budget_split = default_cache, split
             from .memory_budget import non_ffn_fits
             resident, non_ffn = _non_ffn_resident(resident_weights, non_ffn_fits(split, budget), kwargs)
@@ -414,7 +417,7 @@ class RippleLlama(llama_cpp.Llama):
             # settings were OOM-killed on the pack path). The sizes are estimates (memory_budget.py), so
             # near the edge this errs towards stock.
             return self._load_stock(model_path, kwargs, pack, point, (
-                f"the pack path's fixed memory and one layer of neuron cache do not fit in the "
+                f"the runtime's fixed memory and its minimum FFN cache do not fit in the "
                 f"{split['available'] / MIB:.0f} MiB available ({split['available_from']}), not even with "
                 "the non-FFN weights mapped: llama.cpp's stock path, whose mapped weights the kernel can "
                 "reclaim (slower, but never killed for memory); pass --cache-size to force the pack path"))
@@ -427,7 +430,7 @@ class RippleLlama(llama_cpp.Llama):
         where = f"{split['available'] / MIB:.0f} MiB available ({split['available_from']})" \
             if split.get("available") is not None else "unknown available memory"
         fits = (f"the whole model fits in {where}" if whole_model_fits(split) else
-                f"neither the model nor the pack path's fixed memory fit in {where}")
+                f"neither the model nor the runtime's fixed memory fit in {where}")
         what = "computes every neuron" if density >= 1.0 else f"computes {100 * density:.0f}% of the neurons"
         return self._load_stock(model_path, kwargs, pack, point, (
             f"operating point {point} {what} and {fits}: llama.cpp's stock path (pass --memory-budget or a "

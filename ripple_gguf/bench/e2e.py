@@ -326,12 +326,13 @@ def run_speedup(res: dict, r: dict) -> float | None:
 
 
 def path_note(r: dict) -> str:
-    """How a ripple run held its weights, when that is not the pack path with resident non-FFN weights."""
+    """How a ripple run held its weights, when that is not the runtime with resident non-FFN weights."""
     if took_stock_path(r):
-        why = "not even one layer of cache fits" if "do not fit" in (r.get("stock_reason") or "") \
-            else "dense default operating point"
+        why = "not even the minimum FFN cache fits" if "do not fit" in (r.get("stock_reason") or "") \
+            else "dense default operating point, the model fits"
         return f"ran llama.cpp's stock path: {why}"
-    return "non-FFN weights mapped" if non_ffn_mapped(r) else ""
+    streamed = "the GGUF's FFN streamed" if r.get("streamed") else ""
+    return ", ".join(filter(None, [streamed, "non-FFN weights mapped" if non_ffn_mapped(r) else ""]))
 
 
 def non_ffn_mapped(r: dict) -> bool:
