@@ -216,10 +216,6 @@ def cmd_eval(args) -> dict:
     with open(args.text, encoding="utf-8", errors="replace") as f:
         text = f.read()
     args.ctx = _n_ctx(args, default=512)
-    if args.stream_prefill is None:
-        # perplexity is measured in batches of --ctx tokens: streamed, they would be the dense FFN's, not the
-        # operating point's (what generation's decode computes)
-        args.stream_prefill = 0
     prep = prepare(args)
     n_ctx = prep["n_ctx"]
     rss_before = reset_peak_rss()
