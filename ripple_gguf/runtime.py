@@ -65,7 +65,6 @@ class RippleParams(ctypes.Structure):
         ("warm_cache", ctypes.c_int32),
         ("read_ahead", ctypes.c_int32),
         ("stream_dense", ctypes.c_int32),
-        ("stream_prefill_tokens", ctypes.c_int32),
     ]
 
 
@@ -82,7 +81,7 @@ class RippleStatsC(ctypes.Structure):
         ("overhead_bytes", _u64), ("merge_gap_bytes", _u64), ("direct_io", _u64), ("all_active", _u64),
         ("error", _u64), ("io_seconds", _f64), ("t0_us", _f64), ("bw_mbps", _f64), ("verify_seconds", _f64),
         ("ahead_neurons", _u64), ("ahead_used", _u64), ("ahead_seconds", _f64), ("ahead_wait_seconds", _f64),
-        ("stream_dense", _u64), ("resident_layers", _u64), ("stream_prefill_bytes", _u64),
+        ("stream_dense", _u64), ("resident_layers", _u64),
     ]
 
 
@@ -280,7 +279,7 @@ class RippleLlama(llama_cpp.Llama):
                  t0_us: float | None = None, bw_mbps: float | None = None, merge_gap_bytes: int | None = None,
                  threshold_offset: float = 0.0, warm_cache: bool = True, read_ahead: bool = True, quality=None,
                  stock_when_dense: bool = True, resident_weights: bool | None = None,
-                 stream_dense: bool | None = None, stream_prefill: int | None = None, **kwargs):
+                 stream_dense: bool | None = None, **kwargs):
         self.ripple_pack: Pack | None = None
         self.ripple_dense_reason: str | None = None
         self.ripple_point: dict | None = None
@@ -289,7 +288,6 @@ class RippleLlama(llama_cpp.Llama):
         self._threshold_offset = float(threshold_offset)
         self._no_predictors = False  # attached at a dense point without the predictors
         self._streamed = False       # the FFN streamed from the GGUF's own tensors (params.stream_dense)
-        self._prefill_tokens = 0     # beside the pack: batches this long stream the dense FFN (0: none)
         self._ripple_busy = threading.Lock()
         model_path = str(model_path)
         if not Path(model_path).is_file():
@@ -311,10 +309,6 @@ class RippleLlama(llama_cpp.Llama):
             for i, self._streamed in enumerate(tries):
                 last = i == len(tries) - 1
                 self._no_predictors = self._streamed or (not opts.all_active and not loads_predictors(pack, point, stock_when_dense))
-                sparse = not (self._streamed or self._no_predictors or opts.all_active)
-                from .memory_budget import STREAM_PREFILL_TOKENS
-                self._prefill_tokens = (STREAM_PREFILL_TOKENS if stream_prefill is None else max(0, int(stream_prefill))) \
-                    if sparse else 0
                 try:
                     budget, default_cache, split = self._split(model_path, pack, point, opts, kwargs)
                 except RippleError:  # below the stream's minimum: the pack's may still fit
@@ -365,7 +359,6 @@ class RippleLlama(llama_cpp.Llama):
         params.warm_cache = int(bool(warm_cache))
         params.read_ahead = int(bool(read_ahead))
         params.stream_dense = int(self._streamed)
-        params.stream_prefill_tokens = self._prefill_tokens
         mp = model_path.encode()
         if lib.llama_ripple_register(mp, str(pack.path).encode(), ctypes.byref(params)) != 0:
             raise RippleError(lib.llama_ripple_last_error(None).decode(errors="replace"))
@@ -390,13 +383,12 @@ class RippleLlama(llama_cpp.Llama):
     def _split(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs) -> tuple[int, int, dict]:
         """(the FFN cache asked for, the default one, how the memory splits) for the FFN the runtime
         would run from (self._streamed); RippleError when the budget cannot hold its minimum."""
-        from .memory_budget import default_cache_budget, stream_layout
+        from .memory_budget import default_cache_budget
         layout = ffn_layout(model_path, pack, self._streamed)
         budget = budget_bytes(layout, opts)
         default_cache, split = default_cache_budget(
             model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
             layout[1], 0 if self._no_predictors or opts.all_active else predictor_bytes(pack, point, False),
-            staging=stream_layout(model_path)[1] if self._prefill_tokens else 0,
             total=None if opts.memory_budget is None else parse_size(opts.memory_budget),
             n_ubatch=int(kwargs.get("n_ubatch") or kwargs.get("n_batch") or 512),
             logits_all=bool(kwargs.get("logits_all")))
