@@ -145,7 +145,7 @@ def ffn_layout(model_path: str, pack: Pack, streamed: bool) -> tuple[int, int]:
     """(the whole FFN's bytes, the smallest FFN cache the runtime accepts) where the FFN runs from: the
     pack's bundles (one layer of slots) or, streamed dense, the GGUF's own tensors (two whole layers)."""
     from .memory_budget import stream_layout
-    return stream_layout(model_path) if streamed else (sum(n * pack.bundle_bytes for n in pack.n_ff), pack.min_cache_bytes)
+    return stream_layout(model_path) if streamed else (pack.every_slot_bytes, pack.min_cache_bytes)
 
 
 def budget_bytes(layout: tuple[int, int], opts: RippleOptions) -> int:

@@ -169,7 +169,7 @@ def model_info(gguf: str, text_path: str, need_tokens: int) -> dict:
     info = {"gguf": os.path.abspath(gguf), "gguf_bytes": os.path.getsize(gguf), "ffn_bytes": ffn,
             "non_ffn_bytes": other, "pack": os.path.abspath(pack.path), "pack_bytes": pack.file_bytes,
             "predictor_bytes": 0 if streamed else predictor_bytes(pack, pack.op_default), "n_layer": pack.n_layer, "n_ff": list(pack.n_ff),
-            "min_cache_bytes": minimum, "max_cache_bytes": whole if streamed else pack.every_slot_bytes,
+            "min_cache_bytes": minimum, "max_cache_bytes": whole,
             "streamed": streamed}
     import llama_cpp
     from llama_cpp._internals import LlamaModel
