@@ -27,6 +27,20 @@ def reset_peak_rss() -> int:
     return status_kb("VmRSS") * 1024
 
 
+def storage_reads() -> tuple[int, int]:
+    """(bytes this process has had read from storage: page faults, readahead and direct reads alike;
+    major page faults) so far, (0, 0) where /proc does not say."""
+    read = faults = 0
+    try:
+        with open("/proc/self/io") as f:
+            read = next((int(ln.split()[1]) for ln in f if ln.startswith("read_bytes:")), 0)
+        with open("/proc/self/stat") as f:
+            faults = int(f.read().rsplit(")", 1)[1].split()[9])  # majflt, field 12
+    except (OSError, ValueError, IndexError):
+        pass
+    return read, faults
+
+
 def peak_rss() -> int:
     return status_kb("VmHWM") * 1024
 

@@ -65,6 +65,7 @@ class RippleParams(ctypes.Structure):
         ("warm_cache", ctypes.c_int32),
         ("read_ahead", ctypes.c_int32),
         ("stream_dense", ctypes.c_int32),
+        ("weight_bytes", ctypes.c_uint64),
     ]
 
 
@@ -81,7 +82,7 @@ class RippleStatsC(ctypes.Structure):
         ("overhead_bytes", _u64), ("merge_gap_bytes", _u64), ("direct_io", _u64), ("all_active", _u64),
         ("error", _u64), ("io_seconds", _f64), ("t0_us", _f64), ("bw_mbps", _f64), ("verify_seconds", _f64),
         ("ahead_neurons", _u64), ("ahead_used", _u64), ("ahead_seconds", _f64), ("ahead_wait_seconds", _f64),
-        ("stream_dense", _u64), ("resident_layers", _u64),
+        ("stream_dense", _u64), ("resident_layers", _u64), ("pinned_weight_bytes", _u64), ("mapped_weight_bytes", _u64),
     ]
 
 
@@ -208,17 +209,34 @@ def predictor_bytes(pk: Pack, point: int, stock_when_dense: bool = True) -> int:
     return max(0, pk.file_bytes - pk.ffn_pack_bytes) if loads_predictors(pk, point, stock_when_dense) else 0
 
 
-def _non_ffn_resident(asked: bool | None, fits: bool, kwargs) -> tuple[bool, str]:
-    """Read the non-FFN weights into memory on the pack path? `asked` (resident_weights=) or the
-    caller's own use_mmap decide when given, else whether they fit (memory_budget.non_ffn_fits).
-    Returns (resident, "resident" or "mapped (why)")."""
+HOLD_ALL = 2**62  # params.weight_bytes: every non-FFN weight the runtime may hold
+
+
+def _non_ffn_weights(asked: bool | int | str | None, split: dict, cache: int, kwargs) -> tuple[int | None, str]:
+    """How RippleLlama keeps the non-FFN weights: (bytes for the runtime to hold in memory, the largest
+    tensors first, the rest mapped (params.weight_bytes); None: llama.cpp reads them all (a use_mmap=False
+    the caller passed), and why. `asked` (resident_weights=: True, False or a size to hold) or the
+    caller's use_mmap decide when given, else memory_budget.resident_weight_bytes."""
+    from .memory_budget import resident_weight_bytes
+    if isinstance(asked, bool):
+        return (HOLD_ALL if asked else 0), f"resident_weights={asked}"
     if asked is not None:
-        resident, why = bool(asked), f"resident_weights={bool(asked)}"
-    elif "use_mmap" in kwargs:
-        resident, why = not kwargs["use_mmap"], f"use_mmap={kwargs['use_mmap']}"
-    else:
-        resident, why = fits, "they do not fit next to the neuron cache in the memory available"
-    return resident, "resident" if resident else f"mapped ({why})"
+        return parse_size(asked), f"resident_weights={asked}"
+    if "use_mmap" in kwargs:
+        return (None if not kwargs["use_mmap"] else 0), f"use_mmap={kwargs['use_mmap']}"
+    held = resident_weight_bytes(split, cache)
+    return (HOLD_ALL if held >= split["non_ffn_weights"] else held), \
+        "they do not all fit next to the neuron cache in the memory available"
+
+
+def _describe_non_ffn(held: int | None, why: str, st: dict) -> str:
+    """RippleLlama.ripple_non_ffn: "resident", "partly resident (...)" or "mapped (why)"."""
+    if held is None or not st["mapped_weight_bytes"]:  # (a repacked weight is a copy in memory already)
+        return "resident"
+    if st["pinned_weight_bytes"]:
+        return (f"partly resident ({st['pinned_weight_bytes'] / 2**20:.1f} MiB held, "
+                f"{st['mapped_weight_bytes'] / 2**20:.1f} MiB mapped: {why})")
+    return f"mapped ({why})"
 
 
 def _direct_by_default(split: dict | None) -> bool:
@@ -233,6 +251,9 @@ def _direct_by_default(split: dict | None) -> bool:
 def _point_info(pk: Pack, index: int) -> dict:
     return {"index": index, "density": float(pk.op_density[index]), "floor": float(pk.op_floor[index]),
             "ppl_increase": float(pk.op_ppl_increase[index]), "default": index == pk.op_default}
+
+
+TIGHT_UBATCH = 64  # llama.cpp's batch size where memory is tight (see RippleLlama._split)
 
 
 # Operating points at least this dense run llama.cpp's stock path unless a budget is given or the model
@@ -266,8 +287,9 @@ class RippleLlama(llama_cpp.Llama):
     FFN tensors, streamed where they do not all fit (see streams; stream_dense=False: the pack's
     bundles), and with no budget given the stock path runs where the whole model fits (see
     ripple_stats()["reason"]); stock_when_dense=False keeps the pack and its predictors attached. On the
-    runtime the non-FFN weights are read into memory where they fit next to the FFN cache
-    (resident_weights=True/False forces it either way).
+    runtime the non-FFN weights are held in memory where they fit next to the FFN cache, as many as fit
+    where not all do, the largest tensors first, the rest mapped (resident_weights=True/False forces it
+    either way; a size holds that much).
     A use_mmap= the caller passes decides it too (use_mmap=False: resident).
     Everything else (n_ctx, n_threads, chat_format, verbose, ...) goes to `llama_cpp.Llama`.
     """
@@ -278,13 +300,13 @@ class RippleLlama(llama_cpp.Llama):
                  all_active: bool = False, io_threads: int = 4, direct_io: bool | None = None, pin_percent: int | None = None,
                  t0_us: float | None = None, bw_mbps: float | None = None, merge_gap_bytes: int | None = None,
                  threshold_offset: float = 0.0, warm_cache: bool = True, read_ahead: bool = True, quality=None,
-                 stock_when_dense: bool = True, resident_weights: bool | None = None,
+                 stock_when_dense: bool = True, resident_weights: bool | int | str | None = None,
                  stream_dense: bool | None = None, **kwargs):
         self.ripple_pack: Pack | None = None
         self.ripple_dense_reason: str | None = None
         self.ripple_point: dict | None = None
         self.ripple_budget_split: dict | None = None  # how the default cache size was found (None: given)
-        self.ripple_non_ffn: str | None = None  # "resident" or "mapped (why)" on the pack path
+        self.ripple_non_ffn: str | None = None  # "resident", "partly resident (...)" or "mapped (why)" on the runtime
         self._threshold_offset = float(threshold_offset)
         self._no_predictors = False  # attached at a dense point without the predictors
         self._streamed = False       # the FFN streamed from the GGUF's own tensors (params.stream_dense)
@@ -319,8 +341,8 @@ class RippleLlama(llama_cpp.Llama):
                     break
             if not given:
                 budget, self.ripple_budget_split = default_cache, split
-            from .memory_budget import non_ffn_fits
-            resident, non_ffn = _non_ffn_resident(resident_weights, non_ffn_fits(split, budget), kwargs)
+            held, why_held = _non_ffn_weights(resident_weights, split, budget, kwargs)
+            resident = held is None or held > 0
             if direct_io is None:
                 direct_io = _direct_by_default(self.ripple_budget_split)
             if stock_when_dense and stream_dense is not True and self._stock_is_the_same(model_path, pack, point, opts, kwargs, resident):
@@ -338,9 +360,10 @@ class RippleLlama(llama_cpp.Llama):
             super().__init__(model_path, **kwargs)
             return
 
-        self.ripple_non_ffn = non_ffn
-        if resident:  # only now: the stock fallbacks above must keep llama.cpp's mapping
-            kwargs["use_mmap"] = False  # llama.cpp reads every non-lazy tensor into memory; the FFN stays lazy
+        if held is None:  # the caller's use_mmap=False: llama.cpp reads every non-lazy tensor, the FFN stays lazy
+            kwargs["use_mmap"] = False
+        if split.get("n_ubatch") == TIGHT_UBATCH and "n_ubatch" not in kwargs and "n_batch" not in kwargs:
+            kwargs["n_ubatch"] = TIGHT_UBATCH  # the split counted llama.cpp's compute buffer at this batch size
         params = lib.llama_ripple_default_params()
         params.memory_budget = budget
         params.io_threads = max(1, int(io_threads))
@@ -359,6 +382,7 @@ class RippleLlama(llama_cpp.Llama):
         params.warm_cache = int(bool(warm_cache))
         params.read_ahead = int(bool(read_ahead))
         params.stream_dense = int(self._streamed)
+        params.weight_bytes = held or 0
         mp = model_path.encode()
         if lib.llama_ripple_register(mp, str(pack.path).encode(), ctypes.byref(params)) != 0:
             raise RippleError(lib.llama_ripple_last_error(None).decode(errors="replace"))
@@ -370,28 +394,39 @@ class RippleLlama(llama_cpp.Llama):
             raise RippleError(err or f"llama.cpp could not load {model_path} ({e})") from None
         lib.llama_ripple_unregister(mp)
         if resident:
-            # llama.cpp read the non-FFN weights with buffered reads (and sequential readahead that runs
-            # on into the FFN): that page cache is a second copy the memory limit would charge
+            # the page cache the load read the held weights through (llama.cpp's prefetch of the mapping,
+            # or its buffered reads) is a second copy the memory limit would charge
             from .cgroup import drop_file_cache
             drop_file_cache(model_path)
         if not lib.llama_ripple_is_attached(self.model):
             err = lib.llama_ripple_last_error(None).decode(errors="replace")
             raise RippleError(f"the ripple pack was not attached to {model_path}: {err or 'unknown reason'}")
         self.ripple_pack = pack
+        self.ripple_non_ffn = _describe_non_ffn(held, why_held, self.ripple_stats())
         self.ripple_set_point(point)
 
     def _split(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs) -> tuple[int, int, dict]:
         """(the FFN cache asked for, the default one, how the memory splits) for the FFN the runtime
-        would run from (self._streamed); RippleError when the budget cannot hold its minimum."""
+        would run from (self._streamed); RippleError when the budget cannot hold its minimum. Where
+        the default split is tight and the caller set no batch size, it is made for llama.cpp batches
+        of TIGHT_UBATCH tokens (split["n_ubatch"]): its compute buffer is sized for its largest batch
+        (SmolLM2 at n_ctx 512: 98 MiB for 512 tokens, 12 MiB for 64), and what that frees holds weights."""
         from .memory_budget import default_cache_budget
         layout = ffn_layout(model_path, pack, self._streamed)
         budget = budget_bytes(layout, opts)
-        default_cache, split = default_cache_budget(
-            model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
-            layout[1], 0 if self._no_predictors or opts.all_active else predictor_bytes(pack, point, False),
-            total=None if opts.memory_budget is None else parse_size(opts.memory_budget),
-            n_ubatch=int(kwargs.get("n_ubatch") or kwargs.get("n_batch") or 512),
-            logits_all=bool(kwargs.get("logits_all")))
+        asked_ub = kwargs.get("n_ubatch") or kwargs.get("n_batch")
+        ubatches = [int(asked_ub or 512)]
+        if asked_ub is None and opts.memory_budget is None:
+            ubatches.append(TIGHT_UBATCH)
+        for ub in ubatches:
+            default_cache, split = default_cache_budget(
+                model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
+                layout[1], 0 if self._no_predictors or opts.all_active else predictor_bytes(pack, point, False),
+                total=None if opts.memory_budget is None else parse_size(opts.memory_budget),
+                n_ubatch=ub, logits_all=bool(kwargs.get("logits_all")))
+            split["n_ubatch"] = ub
+            if not split.get("below_minimum"):
+                break
         return budget, default_cache, split
 
     def _stock_is_the_same(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs,

@@ -23,7 +23,7 @@ import pytest
 
 from ripple_gguf.errors import RippleError
 from ripple_gguf.pack import open_pack, pack_path_for
-from ripple_gguf.runtime import RippleLlama, parse_size, ripple_lib
+from ripple_gguf.runtime import TIGHT_UBATCH, RippleLlama, parse_size, ripple_lib
 
 from conftest import CALIB, FIXTURES, HELDOUT, MODELS, ROOT, all_logits, prompts, run_cli
 
@@ -768,8 +768,10 @@ def test_defaults_keep_the_pack_with_mapped_weights_where_only_they_do_not_fit(p
     assert split["below_minimum"] and split["mapped_fits"] and "non-FFN weights mapped" in split["note"]
     assert st["mode"] == "sparse" and non_ffn.startswith("mapped") and text
     assert st["cache_bytes"] == pk.min_cache_bytes and not st["error"]
-    # a little less and the worst case of llama.cpp's buffers no longer fits: stock
-    monkeypatch.setattr(mb, "available_memory", lambda: (avail - 2 * 2**20, "a test limit"))
+    # a little less and the worst case of llama.cpp's buffers no longer fits, not even at the tight
+    # batch size the split falls back to: stock
+    assert split["n_ubatch"] == TIGHT_UBATCH
+    monkeypatch.setattr(mb, "available_memory", lambda: (mb.mapped_pack_need(split) - 2**20, "a test limit"))
     llm = RippleLlama(path, quality=quality, **KW)
     assert llm.ripple_stats()["mode"] == "dense" and not llm.ripple_budget_split["mapped_fits"]
     llm.close()

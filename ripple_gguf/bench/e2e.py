@@ -83,7 +83,7 @@ def _load(a: dict, n_ctx: int, **kw):
 def _measure(a: dict, text: str) -> dict:
     """Load, prompt (TTFT), then greedy decode one token per eval; EOS ignored so counts match."""
     import numpy as np
-    from ..process_stats import peak_rss, phase, reset_peak_rss
+    from ..process_stats import peak_rss, phase, reset_peak_rss, storage_reads
     reset_peak_rss()
     anon = _AnonPeak()
     start = time.perf_counter()
@@ -101,7 +101,7 @@ def _measure(a: dict, text: str) -> dict:
     llm.eval(prompt)
     ids = [greedy()]
     ttft = time.perf_counter() - t0
-    s0, t1, timed_out = stats(), time.perf_counter(), False
+    s0, io0, t1, timed_out = stats(), storage_reads(), time.perf_counter(), False
     for _ in range(a["gen_tokens"]):
         if time.perf_counter() - start > a["timeout_s"]:
             timed_out = True
@@ -109,14 +109,17 @@ def _measure(a: dict, text: str) -> dict:
         llm.eval([ids[-1]])
         ids.append(greedy())
     decode_s = time.perf_counter() - t1
-    s1 = stats()
+    s1, io1 = stats(), storage_reads()
     n = len(ids) - 1
     out = {"load_s": round(load_s, 4), "ttft_s": round(ttft, 5), "prompt_tokens": len(prompt), "decode_tokens": n,
            "decode_s": round(decode_s, 5), "decode_tok_s": round(n / decode_s, 3) if n and decode_s > 0 else None,
            "timed_out": timed_out, "tokens": ids, "peak_rss_bytes": peak_rss(), "peak_anon_bytes": anon.stop(),
            "path": "stock" if not getattr(llm, "ripple_active", False) else "pack",
            "stock_reason": getattr(llm, "ripple_dense_reason", None),
-           "non_ffn_weights": getattr(llm, "ripple_non_ffn", None)}
+           "non_ffn_weights": getattr(llm, "ripple_non_ffn", None),
+           # every read from storage while decoding (stock's page faults, the runtime's reads and faults)
+           "decode_storage_bytes_per_token": round((io1[0] - io0[0]) / n) if n else None,
+           "decode_major_faults_per_token": round((io1[1] - io0[1]) / n, 1) if n else None}
     if s1.get("mode") == "sparse":
         out["streamed"] = bool(s1.get("stream_dense"))  # dense point: the GGUF's own FFN tensors, streamed
         out["decode_stats"] = phase(s1, s0, n, decode_s)
@@ -287,10 +290,13 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.75, 0.5, 0.35, 0.25), gen_tokens=
                 if run == "ripple-default":
                     args.update(pack=info["pack"], cache_budget=None)
                 elif run != "stock":
-                    cache, floored = cache_budget(budget + own - overheads["ripple"], info)
-                    # the budget counts the non-FFN weights as memory the run holds: resident where the
-                    # cache fits after them (the runtime's own rule guesses with fixed allowances)
-                    args.update(pack=info["pack"], cache_budget=cache, resident_weights=not floored)
+                    weights_room = budget + own - overheads["ripple"]
+                    cache, floored = cache_budget(weights_room, info)
+                    # the budget counts the non-FFN weights as memory the run holds: all resident where
+                    # the cache fits after them, else as many as fit beside the minimum cache (the
+                    # runtime's own rule guesses with fixed allowances)
+                    held = True if not floored else max(0, weights_room - cache - info["predictor_bytes"])
+                    args.update(pack=info["pack"], cache_budget=cache, resident_weights=held)
                     extra = {"cache_budget_bytes": cache, "cache_floor_applied": floored}
                 rec = _worker(args, limit, hard)
                 runs.append({"mode": run, "fraction": frac, "budget_bytes": budget, **extra, **rec})

@@ -1,0 +1,98 @@
+"""The non-FFN weights held in memory, mapped, or partly each (llama-ripple-weights.cpp;
+memory_budget.resident_weight_bytes), and the default split where memory is tight.
+
+What is checked: held, mapped (with and without reading the next layer's mapped weights ahead) or the
+largest tensor alone held, the logits are bit-identical to stock (F16, streamed FFN); the runtime says
+how many bytes it holds and maps, and an untied token embedding is never held; with default settings
+where not all of them fit, as many as fit are held and llama.cpp's batches shrink so that its compute
+buffer leaves them room.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ripple_gguf.memory_budget as mb
+from ripple_gguf.gguf_io import open_header
+from ripple_gguf.memory_budget import stream_layout
+from ripple_gguf.runtime import TIGHT_UBATCH, RippleLlama
+
+from conftest import FIXTURES, all_logits, prompts
+from test_runtime import chunked_logits
+
+KW = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
+ALIGN = 64  # each held tensor's start in the runtime's buffer
+
+
+def holdable(path) -> dict[str, int]:
+    """Bytes of every non-FFN tensor the runtime may hold (an untied token embedding: never)."""
+    tensors = {t.name: int(t.n_bytes) for t in open_header(str(path)).tensors}
+    ffn = ("ffn_gate", "ffn_up", "ffn_down")
+    out = {n: b for n, b in tensors.items() if not (n.startswith("blk.") and n.split(".")[2] in ffn)}
+    if "output.weight" in tensors:
+        out.pop("token_embd.weight", None)
+    return out
+
+
+def padded(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@pytest.mark.parametrize("model", FIXTURES)
+def test_held_mapped_or_partly_held_weights_compute_the_same(packed, model):
+    path = packed(model, "f16")
+    dense = RippleLlama(path, dense=True, logits_all=True, **KW)
+    ps = prompts(dense, n=2, length=40)
+    ref = (all_logits(dense, ps), chunked_logits(dense, ps, 1))
+    dense.close()
+    sizes = holdable(path)
+    total, largest = sum(sizes.values()), max(sizes.values())
+    cases = [  # (resident_weights, read ahead, bytes held, description)
+        (True, True, sum(map(padded, sizes.values())), "resident"),
+        (False, True, 0, "mapped"),
+        (False, False, 0, "mapped"),
+        (padded(largest), True, padded(largest), "partly resident"),  # the largest tensor alone
+    ]
+    for asked, ahead, held, desc in cases:
+        llm = RippleLlama(path, stream_dense=True, cache_ratio=1.0, resident_weights=asked, read_ahead=ahead,
+                          logits_all=True, **KW)
+        st = llm.ripple_stats()
+        got = (all_logits(llm, ps), chunked_logits(llm, ps, 1))
+        non_ffn = llm.ripple_non_ffn
+        llm.close()
+        what = (model, asked, ahead)
+        assert non_ffn.startswith(desc), what
+        assert st["pinned_weight_bytes"] == held, what
+        assert st["mapped_weight_bytes"] == total - (total if held and desc == "resident" else 0) - \
+            (largest if desc == "partly resident" else 0), what
+        assert not st["error"] and st["stream_dense"], what
+        for a, b in zip(ref, got):
+            np.testing.assert_array_equal(a, b, err_msg=str(what))
+
+
+def test_tight_default_holds_what_fits_and_shrinks_llamas_batches(packed, monkeypatch):
+    """Default budget settings with less memory than the non-FFN weights need with the usual allowances: the
+    split is made for TIGHT_UBATCH-token batches (llama.cpp's compute buffer is sized for its largest),
+    about half the non-FFN weights are held (the room the margins leave), the rest mapped, and it runs."""
+    path = packed("tiny-llama-swiglu", "f16")
+    whole, minimum = stream_layout(str(path))
+    monkeypatch.setattr(mb, "available_memory", lambda: (2**33, "8 GiB"))
+    _, split = mb.default_cache_budget(str(path), KW["n_ctx"], whole, minimum, 0, n_ubatch=TIGHT_UBATCH)
+    half = split["non_ffn_weights"] // 2
+    avail = mb.mapped_pack_need(split) + mb.PAGE_CACHE_FLOOR + half
+    monkeypatch.setattr(mb, "available_memory", lambda: (avail, "a tight test limit"))
+    # (stream_dense=True: the fixture is so small that the whole model fits, where defaults run stock)
+    llm = RippleLlama(path, stream_dense=True, **KW)
+    st, split, non_ffn = llm.ripple_stats(), llm.ripple_budget_split, llm.ripple_non_ffn
+    ubatch = llm.context_params.n_ubatch
+    text = llm.create_completion("def ", max_tokens=4, temperature=0.0)["choices"][0]["text"]
+    llm.close()
+    assert st["mode"] == "sparse" and st["stream_dense"] and not st["error"] and text
+    assert split["n_ubatch"] == TIGHT_UBATCH == ubatch and split["below_minimum"]
+    assert non_ffn.startswith("partly resident"), non_ffn
+    assert 0 < st["pinned_weight_bytes"] <= half and st["mapped_weight_bytes"] > 0
+    assert split["cache"] == minimum and st["cache_bytes"] <= minimum and st["resident_layers"] == 0
+    # the caller's own batch size is kept: then the split counts its compute buffer, and nothing fits
+    llm = RippleLlama(path, stream_dense=True, n_ubatch=512, **KW)
+    assert llm.ripple_budget_split["n_ubatch"] == 512 and llm.context_params.n_ubatch > TIGHT_UBATCH
+    llm.close()
