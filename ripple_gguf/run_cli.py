@@ -37,16 +37,17 @@ def _add_runtime_args(p, generation: bool = True) -> None:
                         "point computing >= 90%% of the neurons every neuron is computed from the GGUF's own FFN "
                         "tensors: the layers that fit held in memory, the rest streamed; elsewhere from the pack. "
                         "Without it, where the model fits, llama.cpp's stock path runs at such a point; where the "
-                        "non-FFN weights and the cache do not fit, they stay mapped next to the minimum cache, and "
-                        "where not even that fits, the stock path (its mapped weights are reclaimable: slower, never "
-                        "killed for memory)")
+                        "non-FFN weights and the cache do not fit, the minimum cache, as many non-FFN weights held "
+                        "as fit (the rest mapped, read a layer ahead) and llama.cpp batches of 64 tokens (a smaller "
+                        "compute buffer); where not even the unreclaimable part fits, the stock path (its mapped "
+                        "weights are reclaimable: slower, never killed for memory)")
     m.add_argument("--cache-size", metavar="SIZE",
                    help="the FFN cache alone, e.g. 256MiB (instead of a memory budget; keeps the runtime)")
     m.add_argument("--cache-ratio", type=float, metavar="R", help="neuron cache as a share of the FFN bytes, e.g. 0.25")
     _add_either_or(p, "resident_weights",
-                   ("--resident-weights", "read the non-FFN weights into memory even where they do not seem to fit "
-                    "(default: where they fit next to the neuron cache; mapped, page-cache pressure re-reads them "
-                    "every token)"),
+                   ("--resident-weights", "hold all the non-FFN weights in memory even where they do not seem to fit "
+                    "(default: all where they fit next to the neuron cache, else as many as fit, the largest first; "
+                    "mapped, page-cache pressure re-reads them every token)"),
                    ("--map-weights", "keep the non-FFN weights mapped from the GGUF, as stock llama.cpp does"))
     p.add_argument("--dense", action="store_true", help="run the same GGUF on llama.cpp's stock dense path")
     p.add_argument("--allow-dense-fallback", action="store_true",

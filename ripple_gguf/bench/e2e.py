@@ -29,6 +29,7 @@ import time
 
 from ..cgroup import MemoryCgroup, drop_file_cache
 from ..errors import RippleError
+from ..memory_budget import PAGE_CACHE_FLOOR
 
 SLACK = 4 * 2**20           # added to the measured non-weight memory: allocator and interpreter jitter
 MARK = "RIPPLE_E2E_RESULT "  # prefix of the worker's result line on stdout
@@ -293,9 +294,11 @@ def run_e2e(gguf, text_path, fractions=(1.0, 0.75, 0.5, 0.35, 0.25), gen_tokens=
                     weights_room = budget + own - overheads["ripple"]
                     cache, floored = cache_budget(weights_room, info)
                     # the budget counts the non-FFN weights as memory the run holds: all resident where
-                    # the cache fits after them, else as many as fit beside the minimum cache (the
-                    # runtime's own rule guesses with fixed allowances)
-                    held = True if not floored else max(0, weights_room - cache - info["predictor_bytes"])
+                    # the cache fits after them, else as many as fit beside the minimum cache and the page
+                    # cache the mapped rest is faulted in through (the runtime's own rule guesses with
+                    # fixed allowances; holding all the room left SmolLM2 at 25% OOM-killed)
+                    held = True if not floored else \
+                        max(0, weights_room - cache - info["predictor_bytes"] - PAGE_CACHE_FLOOR)
                     args.update(pack=info["pack"], cache_budget=cache, resident_weights=held)
                     extra = {"cache_budget_bytes": cache, "cache_floor_applied": floored}
                 rec = _worker(args, limit, hard)
