@@ -50,7 +50,7 @@ def curve_on_text(gguf_path, text: str, ctx: int = 512, chunks: int = 4) -> dict
     from .errors import RippleError
     from .runtime import RippleLlama
     llm = RippleLlama(str(gguf_path), stock_when_dense=False, logits_all=True, n_ctx=ctx, n_batch=ctx,
-                      n_ubatch=ctx, verbose=False)
+                      n_ubatch=ctx, stream_prefill=0, verbose=False)  # batches at the point's own selection
     try:
         tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
         n = min(chunks, len(tokens) // ctx) * ctx

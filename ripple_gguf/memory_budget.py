@@ -30,6 +30,10 @@ RUNTIME_MAPPED = 8 * MIB       # the same, counted tightly where the weights sta
 
 
 HEADROOM_MIN, HEADROOM_SHARE = 64 * MIB, 0.10  # the Python process, the page cache of our reads
+# At a sparse point, prompt batches of at least this many tokens compute the dense FFN from the GGUF's own
+# tensors, each layer read whole into one of two staging buffers counted here (params.stream_prefill_tokens):
+# their union of active neurons is most of each layer (crossover measured: README "Running sparse from flash")
+STREAM_PREFILL_TOKENS = 32
 
 
 def headroom(total: int) -> int:
@@ -98,7 +102,7 @@ def kv_cache_bytes(path: str, n_ctx: int) -> int:
 
 def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minimum: int,
                          predictor_bytes: int, total: int | None = None, n_ubatch: int = 512,
-                         logits_all: bool = False) -> tuple[int, dict]:
+                         logits_all: bool = False, staging: int = 0) -> tuple[int, dict]:
     """(cache bytes, the split as a dict for `run --verbose`/--json). `total` (--memory-budget): what
     the whole process may use, split the same way instead of the available memory; RippleError when
     it cannot hold the fixed parts plus one layer of neuron cache. split["ffn_room"] is what is left
@@ -110,11 +114,12 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
     other, kv_bytes = os.path.getsize(model_path) - ffn, _kv_bytes(r, n_ctx)
     compute = _llama_compute_bytes(r, n_ctx, n_ubatch, logits_all)
     split = {"available": avail, "available_from": source, "non_ffn_weights": other, "gguf_ffn": ffn,
-             "kv_cache": kv_bytes, "compute": compute, "runtime": RUNTIME_ALLOWANCE + predictor_bytes,
-             "predictors": predictor_bytes, "minimum": minimum}
+             "kv_cache": kv_bytes, "compute": compute + staging, "runtime": RUNTIME_ALLOWANCE + predictor_bytes,
+             "predictors": predictor_bytes, "minimum": minimum, "prompt_staging": staging}
     if avail is None:
         split.update(headroom=0, ffn_room=None, cache=ffn_pack_bytes, note="available memory unknown: the whole FFN")
         return ffn_pack_bytes, split
+    compute += staging  # prompt batches streamed beside the pack: two layers of the GGUF's FFN
     fixed = other + kv_bytes + compute + RUNTIME_ALLOWANCE
     room = avail - fixed - headroom(avail)
     left = room - predictor_bytes

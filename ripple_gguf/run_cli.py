@@ -11,7 +11,7 @@ import sys
 import time
 
 from .errors import RippleError
-from .memory_budget import gguf_ffn_split
+from .memory_budget import STREAM_PREFILL_TOKENS, gguf_ffn_split
 from .perplexity import perplexity
 from .process_stats import peak_rss, phase, reset_peak_rss
 
@@ -68,6 +68,10 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("--no-read-ahead", action="store_true",
                    help="read a layer's missing neurons only when it needs them (default: while a layer computes, "
                         "read what the next layer needed for the previous token and the cache lacks)")
+    p.add_argument("--stream-prefill", type=int, default=None, metavar="TOKENS",
+                   help="at a sparse point, prompt batches of at least this many tokens compute the dense FFN from "
+                        "the GGUF's own tensors, each layer read whole (default %d; 0: every batch sparse)"
+                        % STREAM_PREFILL_TOKENS)
     p.add_argument("--t0-us", type=float, default=None, help="cost model: per-read latency in us (default: probed)")
     p.add_argument("--bw-mbps", type=float, default=None, help="cost model: bandwidth in MB/s (default: probed)")
     p.add_argument("--merge-gap", type=int, default=None, metavar="BYTES",
@@ -90,7 +94,7 @@ def _ripple_kwargs(args) -> dict:
                 io_threads=args.io_threads, direct_io=args.direct_io, pin_percent=args.pin_percent,
                 t0_us=args.t0_us, bw_mbps=args.bw_mbps, merge_gap_bytes=args.merge_gap,
                 threshold_offset=args.threshold_offset, warm_cache=not args.cold_cache,
-                read_ahead=not args.no_read_ahead, quality=args.quality,
+                read_ahead=not args.no_read_ahead, quality=args.quality, stream_prefill=args.stream_prefill,
                 stock_when_dense=not getattr(args, "curve", False),  # the curve moves along every point
                 resident_weights=args.resident_weights)
 
@@ -213,6 +217,10 @@ def cmd_eval(args) -> dict:
     with open(args.text, encoding="utf-8", errors="replace") as f:
         text = f.read()
     args.ctx = _n_ctx(args, default=512)
+    if args.stream_prefill is None:
+        # perplexity is measured in batches of --ctx tokens: streamed, they would be the dense FFN's, not the
+        # operating point's (what generation's decode computes)
+        args.stream_prefill = 0
     prep = prepare(args)
     n_ctx = prep["n_ctx"]
     rss_before = reset_peak_rss()

@@ -66,6 +66,7 @@ class RippleParams(ctypes.Structure):
         ("read_ahead", ctypes.c_int32),
         ("stream_dense", ctypes.c_int32),
         ("weight_bytes", ctypes.c_uint64),
+        ("stream_prefill_tokens", ctypes.c_int32),
     ]
 
 
@@ -83,6 +84,7 @@ class RippleStatsC(ctypes.Structure):
         ("error", _u64), ("io_seconds", _f64), ("t0_us", _f64), ("bw_mbps", _f64), ("verify_seconds", _f64),
         ("ahead_neurons", _u64), ("ahead_used", _u64), ("ahead_seconds", _f64), ("ahead_wait_seconds", _f64),
         ("stream_dense", _u64), ("resident_layers", _u64), ("pinned_weight_bytes", _u64), ("mapped_weight_bytes", _u64),
+        ("stream_prefill_bytes", _u64),
     ]
 
 
@@ -301,7 +303,7 @@ class RippleLlama(llama_cpp.Llama):
                  t0_us: float | None = None, bw_mbps: float | None = None, merge_gap_bytes: int | None = None,
                  threshold_offset: float = 0.0, warm_cache: bool = True, read_ahead: bool = True, quality=None,
                  stock_when_dense: bool = True, resident_weights: bool | int | str | None = None,
-                 stream_dense: bool | None = None, **kwargs):
+                 stream_dense: bool | None = None, stream_prefill: int | None = None, **kwargs):
         self.ripple_pack: Pack | None = None
         self.ripple_dense_reason: str | None = None
         self.ripple_point: dict | None = None
@@ -310,6 +312,8 @@ class RippleLlama(llama_cpp.Llama):
         self._threshold_offset = float(threshold_offset)
         self._no_predictors = False  # attached at a dense point without the predictors
         self._streamed = False       # the FFN streamed from the GGUF's own tensors (params.stream_dense)
+        self._prefill_tokens = 0     # beside the pack: batches this long stream the dense FFN (0: none)
+        self._prefill_given = stream_prefill is not None
         self._ripple_busy = threading.Lock()
         model_path = str(model_path)
         if not Path(model_path).is_file():
@@ -331,6 +335,10 @@ class RippleLlama(llama_cpp.Llama):
             for i, self._streamed in enumerate(tries):
                 last = i == len(tries) - 1
                 self._no_predictors = self._streamed or (not opts.all_active and not loads_predictors(pack, point, stock_when_dense))
+                sparse = not (self._streamed or self._no_predictors or opts.all_active)
+                from .memory_budget import STREAM_PREFILL_TOKENS
+                self._prefill_tokens = (STREAM_PREFILL_TOKENS if stream_prefill is None else max(0, int(stream_prefill))) \
+                    if sparse else 0
                 try:
                     budget, default_cache, split = self._split(model_path, pack, point, opts, kwargs)
                 except RippleError:  # below the stream's minimum: the pack's may still fit
@@ -383,6 +391,7 @@ class RippleLlama(llama_cpp.Llama):
         params.read_ahead = int(bool(read_ahead))
         params.stream_dense = int(self._streamed)
         params.weight_bytes = held or 0
+        params.stream_prefill_tokens = self._prefill_tokens
         mp = model_path.encode()
         if lib.llama_ripple_register(mp, str(pack.path).encode(), ctypes.byref(params)) != 0:
             raise RippleError(lib.llama_ripple_last_error(None).decode(errors="replace"))
@@ -408,25 +417,36 @@ class RippleLlama(llama_cpp.Llama):
     def _split(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs) -> tuple[int, int, dict]:
         """(the FFN cache asked for, the default one, how the memory splits) for the FFN the runtime
         would run from (self._streamed); RippleError when the budget cannot hold its minimum. Where
-        the default split is tight and the caller set no batch size, it is made for llama.cpp batches
-        of TIGHT_UBATCH tokens (split["n_ubatch"]): its compute buffer is sized for its largest batch
+        the default split is tight it is made without the staging of streamed prompt batches
+        (self._prefill_tokens: 0), and, where the caller set no batch size, for llama.cpp batches of
+        TIGHT_UBATCH tokens (split["n_ubatch"]): its compute buffer is sized for its largest batch
         (SmolLM2 at n_ctx 512: 98 MiB for 512 tokens, 12 MiB for 64), and what that frees holds weights."""
-        from .memory_budget import default_cache_budget
+        from .memory_budget import default_cache_budget, stream_layout
         layout = ffn_layout(model_path, pack, self._streamed)
         budget = budget_bytes(layout, opts)
         asked_ub = kwargs.get("n_ubatch") or kwargs.get("n_batch")
-        ubatches = [int(asked_ub or 512)]
+        ub = int(asked_ub or 512)
+        keep = self._prefill_given  # a stream_prefill the caller gave stays
+        tries = [(ub, self._prefill_tokens)] + ([(ub, 0)] if self._prefill_tokens and not keep else [])
         if asked_ub is None and opts.memory_budget is None:
-            ubatches.append(TIGHT_UBATCH)
-        for ub in ubatches:
-            default_cache, split = default_cache_budget(
-                model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
-                layout[1], 0 if self._no_predictors or opts.all_active else predictor_bytes(pack, point, False),
-                total=None if opts.memory_budget is None else parse_size(opts.memory_budget),
-                n_ubatch=ub, logits_all=bool(kwargs.get("logits_all")))
+            tries.append((TIGHT_UBATCH, self._prefill_tokens if keep else 0))
+        for i, (ub, prefill) in enumerate(tries):
+            try:
+                default_cache, split = default_cache_budget(
+                    model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
+                    layout[1], 0 if self._no_predictors or opts.all_active else predictor_bytes(pack, point, False),
+                    staging=stream_layout(model_path)[1] if prefill else 0,
+                    total=None if opts.memory_budget is None else parse_size(opts.memory_budget),
+                    n_ubatch=ub, logits_all=bool(kwargs.get("logits_all")))
+            except RippleError:  # a given budget below the minimum: without the staging it may hold
+                if i == len(tries) - 1:
+                    raise
+                continue
             split["n_ubatch"] = ub
             if not split.get("below_minimum"):
                 break
+        # no staging where no batch can be that long (llama.cpp splits batches into n_ubatch tokens)
+        self._prefill_tokens = prefill if prefill and prefill <= ub else 0
         return budget, default_cache, split
 
     def _stock_is_the_same(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs,

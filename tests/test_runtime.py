@@ -45,8 +45,9 @@ STATED_OVERHEAD = 24 * 2**20
 KW = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
 # the sparse runtime itself: a given cache size keeps the pack even at an operating point dense enough
 # that default settings run llama.cpp's stock path (RippleLlama._stock_is_the_same), and stream_dense=False
-# its bundles and predictor where such a point would stream the GGUF's own FFN (test_stream.py)
-PACK = dict(cache_ratio=1.0, stream_dense=False)
+# its bundles and predictor where such a point would stream the GGUF's own FFN, stream_prefill=0 for
+# prompt batches too (test_stream.py)
+PACK = dict(cache_ratio=1.0, stream_dense=False, stream_prefill=0)
 
 
 # --- sparse == dense --------------------------------------------------------------------------------
@@ -360,7 +361,7 @@ def test_bytes_read_are_what_the_file_offsets_imply(packed):
     path = packed("tiny-llama-swiglu", "f32")
     pk = open_pack(path)
     budget = 2 * max(pk.n_ff) * pk.bundle_bytes  # half the FFN: misses keep happening
-    llm = RippleLlama(path, cache_size=budget, pin_percent=0, **KW)
+    llm = RippleLlama(path, cache_size=budget, pin_percent=0, stream_prefill=0, **KW)  # the pack's reads only
     llm.ripple_trace(True)
     llm.ripple_reset_stats()
     rchar0 = read_rchar()
@@ -659,7 +660,7 @@ def test_memory_budget_is_what_the_whole_process_may_use(packed):
     _, other = mb.gguf_ffn_split(str(path))
     pred = pk.file_bytes - pk.ffn_pack_bytes
     fixed = other + mb.kv_cache_bytes(str(path), KW["n_ctx"]) + mb.llama_compute_bytes(str(path), KW["n_ctx"])
-    fixed += mb.RUNTIME_ALLOWANCE + pred
+    fixed += mb.RUNTIME_ALLOWANCE + pred + mb.stream_layout(str(path))[1]  # (prompt batches streamed: test_stream)
     want_cache = pk.ffn_pack_bytes // 2
     total = fixed + 64 * 2**20 + want_cache  # headroom: 64 MiB below 640 MiB
     llm = RippleLlama(path, memory_budget=total, stream_dense=False, **KW)  # the pack's bundles (test_stream: streamed)
@@ -754,11 +755,14 @@ def test_defaults_keep_the_pack_with_mapped_weights_where_only_they_do_not_fit(p
     pk = open_pack(path)
     quality = "50%"
     assert pk.op_density[-1] < 0.9, "fixture has no sparse point"
-    monkeypatch.setattr(mb, "available_memory", lambda: (8 * 2**30, "8 GiB"))
+    # the tight split's parts (KV cache, compute at the tight batch size, minimum cache) do not depend
+    # on the memory available: take them from a run with next to none (it runs stock)
+    monkeypatch.setattr(mb, "available_memory", lambda: (2**20, "1 MiB"))
     llm = RippleLlama(path, quality=quality, **KW)
     split = llm.ripple_budget_split
     llm.close()
-    avail = mb.mapped_pack_need(split) + 2**20
+    assert split["below_minimum"] and not split["mapped_fits"]
+    avail = mb.mapped_pack_need(split) + 2**20  # less than PAGE_CACHE_FLOOR more: none of the weights held
     monkeypatch.setattr(mb, "available_memory", lambda: (avail, "a test limit"))
     llm = RippleLlama(path, quality=quality, **KW)
     st, split = llm.ripple_stats(), llm.ripple_budget_split

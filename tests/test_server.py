@@ -104,7 +104,8 @@ def test_runtime_failure_fails_that_request_and_the_server_stays_up(server, conv
     from ripple_gguf.runtime import ripple_lib
     from ripple_gguf.pack import open_pack
     pk = open_pack(converted("tiny-llama-swiglu", "f16"))
-    url, state = server(cache_size=max(pk.n_ff) * pk.bundle_bytes, pin_percent=0)  # one layer: every token reads
+    # one layer: every token reads; prompts sparse too, so that the failing read is the pack's
+    url, state = server(cache_size=max(pk.n_ff) * pk.bundle_bytes, pin_percent=0, stream_prefill=0)
     assert call(url + "/v1/chat/completions", CHAT)[0] == 200
     ripple_lib().llama_ripple_inject_fault(state["llm"].model, 0, errno.EIO)
     status, text = call(url + "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "import os"}]})

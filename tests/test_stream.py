@@ -148,3 +148,50 @@ def test_a_cache_size_given_keeps_the_stream_where_its_minimum_would_not_fit(pac
     st, split = llm.ripple_stats(), llm.ripple_budget_split
     llm.close()
     assert split is None and st["stream_dense"] and st["resident_layers"] == 0 and not st["error"]
+
+
+def test_prompt_batches_at_a_sparse_point_stream_the_dense_ffn(packed):
+    """At a sparse point, a batch of at least stream_prefill tokens computes the dense FFN from the
+    GGUF's own tensors (its union of active neurons is most of each layer): the prompt's logits are
+    the stock path's, bit for bit (F16); shorter batches and the decode stay sparse."""
+    path = packed("tiny-llama-swiglu", "f16")
+    dense = RippleLlama(path, dense=True, logits_all=True, **KW)
+    ps = prompts(dense, n=2, length=40)
+    ref = all_logits(dense, ps)
+    dense.close()
+    _, minimum = stream_layout(str(path))
+    out = {}
+    for prefill in (0, 16):
+        llm = RippleLlama(path, quality="50%", stream_prefill=prefill, logits_all=True, **KW)
+        got = all_logits(llm, ps)
+        llm.ripple_reset_stats()
+        for t in ps[0][:8]:
+            llm.eval([t])
+        out[prefill] = (got, llm.ripple_stats(), llm.ripple_budget_split)
+        llm.close()
+    (sparse, st0, _), (streamed, st, split) = out[0], out[16]
+    np.testing.assert_array_equal(streamed, ref)
+    assert np.abs(sparse - ref).max() > 0  # without it the prompt is sparse: not the stock numbers
+    assert st["stream_prefill_bytes"] >= minimum // 2 and not st["stream_dense"] and not st["error"]
+    assert st["predicted_density"] < 1.0 and st["cache_hits"] + st["cache_misses"] > 0  # decode: sparse
+    assert st0["stream_prefill_bytes"] == 0 and split["prompt_staging"] == minimum
+
+
+def test_gguf_rewritten_under_a_streaming_model_is_a_clear_error(packed, tmp_path):
+    """The streamed layers are read from the GGUF every batch: a file rewritten in place since load
+    (size, mtime or inode changed) is an error naming it, not numbers from whatever is there now."""
+    import os
+    import shutil
+    from ripple_gguf.pack import pack_path_for
+    src = packed("tiny-llama-swiglu", "f16")
+    path = tmp_path / "m.gguf"
+    shutil.copy(src, path)
+    shutil.copy(pack_path_for(src), pack_path_for(path))
+    _, minimum = stream_layout(str(path))
+    llm = RippleLlama(path, stream_dense=True, cache_size=minimum, **KW)
+    llm.create_completion("Once", max_tokens=2)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(RippleError, match=f"{path} changed on disk"):
+        llm.create_completion("Once upon a time there", max_tokens=4)
+    llm.close()

@@ -30,7 +30,6 @@ import json
 import os
 import random
 import select
-import shutil
 import struct
 import subprocess
 import sys
@@ -277,7 +276,7 @@ class Worker:
                 rc, out, err = self.cli(case["driver"], self.g, *(["--json"] if case["driver"] == "inspect" else []))
                 status = "ran" if rc == 0 else "refused" if rc == 1 and err.strip().startswith("error: ") else "traceback"
                 msg, toks, ref = err[-300:], None, None
-        except Exception as e:  # anything escaping the entry point is a traceback
+        except Exception:  # anything escaping the entry point is a traceback
             import traceback
             status, toks, ref, msg = "traceback", None, None, traceback.format_exc()[-600:]
         if status == "ran" and ref is not None:

@@ -132,7 +132,8 @@ def _measure(a: dict, text: str) -> dict:
 def _perplexity(a: dict, text: str) -> dict:
     from ..perplexity import perplexity
     ctx = a["ctx"]
-    llm = _load(a, ctx, logits_all=True, n_batch=ctx, n_ubatch=ctx)  # as `ripple-gguf eval` does
+    # as `ripple-gguf eval` does: every batch at the operating point's own selection, none streamed dense
+    llm = _load(a, ctx, logits_all=True, n_batch=ctx, n_ubatch=ctx, **({} if a["mode"] == "stock" else {"stream_prefill": 0}))
     tokens = llm.tokenize(text[:64 * ctx * (a["ppl_chunks"] + 1)].encode(), add_bos=True, special=False)  # see _measure
     bos = llm.token_bos() if llm.token_bos() >= 0 else None
     ppl, scored = perplexity(llm, tokens, ctx, bos, a["ppl_chunks"])
