@@ -430,14 +430,16 @@ class RippleLlama(llama_cpp.Llama):
         tries = [(ub, self._prefill_tokens)] + ([(ub, 0)] if self._prefill_tokens and not keep else [])
         if asked_ub is None and opts.memory_budget is None:
             tries.append((TIGHT_UBATCH, self._prefill_tokens if keep else 0))
+        # the same for every try (each stream_layout parses the GGUF header)
+        n_ctx = int(kwargs.get("n_ctx", 512) or 512)
+        predictors = 0 if self._no_predictors or opts.all_active else predictor_bytes(pack, point, False)
+        staging = stream_layout(model_path)[1] if any(p for _, p in tries) else 0
+        total = None if opts.memory_budget is None else parse_size(opts.memory_budget)
         for i, (ub, prefill) in enumerate(tries):
             try:
                 default_cache, split = default_cache_budget(
-                    model_path, int(kwargs.get("n_ctx", 512) or 512), budget,
-                    layout[1], 0 if self._no_predictors or opts.all_active else predictor_bytes(pack, point, False),
-                    staging=stream_layout(model_path)[1] if prefill else 0,
-                    total=None if opts.memory_budget is None else parse_size(opts.memory_budget),
-                    n_ubatch=ub, logits_all=bool(kwargs.get("logits_all")))
+                    model_path, n_ctx, budget, layout[1], predictors, staging=staging if prefill else 0,
+                    total=total, n_ubatch=ub, logits_all=bool(kwargs.get("logits_all")))
             except RippleError:  # a given budget below the minimum: without the staging it may hold
                 if i == len(tries) - 1:
                     raise
