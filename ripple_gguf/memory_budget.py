@@ -105,7 +105,7 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
                          logits_all: bool = False, staging: int = 0) -> tuple[int, dict]:
     """(cache bytes, the split as a dict for `run --verbose`/--json). `total` (--memory-budget): what
     the whole process may use, split the same way instead of the available memory; RippleError when
-    it cannot hold the fixed parts plus one layer of neuron cache. split["ffn_room"] is what is left
+    it cannot hold even the tight split's unreclaimable parts (mapped_pack_fits). split["ffn_room"] is what is left
     for FFN weights of any kind (the neuron cache and predictors, or the GGUF's own FFN on the stock
     path), next to split["gguf_ffn"]."""
     avail, source = available_memory() if total is None else (total, "--memory-budget")
@@ -123,21 +123,23 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
     fixed = other + kv_bytes + compute + RUNTIME_ALLOWANCE
     room = avail - fixed - headroom(avail)
     left = room - predictor_bytes
-    if total is not None and left < minimum:
-        least = fixed + predictor_bytes + minimum
-        need = int(max(least + HEADROOM_MIN, least / (1 - HEADROOM_SHARE))) + 1  # the inverse of headroom()
-        raise RippleError(f"memory budget {total / MIB:.0f} MiB cannot hold this model's fixed memory "
-                          f"(non-FFN weights {other / MIB:.0f} MiB, KV cache {kv_bytes / MIB:.0f} MiB for {n_ctx} tokens, "
-                          f"compute and runtime {(compute + RUNTIME_ALLOWANCE + predictor_bytes) / MIB:.0f} MiB, "
-                          f"headroom {headroom(avail) / MIB:.0f} MiB) plus one layer of neuron cache ({minimum / MIB:.1f} MiB): "
-                          f"pass --memory-budget {-(-need // MIB)}MiB or more, or a smaller --ctx")
     cache = int(min(ffn_pack_bytes, max(minimum, left)))
     split.update(headroom=headroom(avail), ffn_room=room, cache=cache)
     split["below_minimum"] = left < minimum
     split["mapped_fits"] = mapped_pack_fits(split)
+    if left < minimum and total is not None and not split["mapped_fits"]:
+        need = mapped_pack_need(split)
+        raise RippleError(f"memory budget {total / MIB:.0f} MiB cannot hold what the runtime cannot give back "
+                          f"(KV cache {kv_bytes / MIB:.0f} MiB for {n_ctx} tokens, compute and runtime "
+                          f"{(compute + RUNTIME_MAPPED + predictor_bytes) / MIB:.0f} MiB, one layer of neuron cache "
+                          f"{minimum / MIB:.1f} MiB, a 10% margin), even with the non-FFN weights "
+                          f"({other / MIB:.0f} MiB) mapped: pass --memory-budget {-(-need // MIB)}MiB or more, "
+                          f"or a smaller --ctx")
     if left < minimum:
         # tight: the minimum cache, the non-FFN weights held as far as the unreclaimable parts' margins
-        # allow (resident_weight_bytes), and the cache gets what is left once all of them are
+        # allow (resident_weight_bytes), and the cache gets what is left once all of them are. A given
+        # budget splits the same way as the available memory does (it used to be refused below the
+        # usual allowances, where default settings in a cgroup of that size ran)
         spare = avail - mapped_pack_need(split) - PAGE_CACHE_FLOOR - other
         cache = split["cache"] = int(min(ffn_pack_bytes, minimum + max(0, spare)))
         held = resident_weight_bytes(split, cache)

@@ -36,11 +36,11 @@ def _add_runtime_args(p, generation: bool = True) -> None:
                         "buffers and 10%% headroom, at most the whole FFN (`run --verbose` prints the split). At a "
                         "point computing >= 90%% of the neurons every neuron is computed from the GGUF's own FFN "
                         "tensors: the layers that fit held in memory, the rest streamed; elsewhere from the pack. "
-                        "Without it, where the model fits, llama.cpp's stock path runs at such a point; where the "
-                        "non-FFN weights and the cache do not fit, the minimum cache, as many non-FFN weights held "
-                        "as fit (the rest mapped, read a layer ahead) and llama.cpp batches of 64 tokens (a smaller "
-                        "compute buffer); where not even the unreclaimable part fits, the stock path (its mapped "
-                        "weights are reclaimable: slower, never killed for memory)")
+                        "Without it, where the model fits, llama.cpp's stock path runs at such a point. Where the "
+                        "non-FFN weights and the cache do not fit (given or not), the minimum cache, as many non-FFN "
+                        "weights held as fit (the rest mapped, read a layer ahead) and llama.cpp batches of 64 tokens "
+                        "(a smaller compute buffer); where not even the unreclaimable part fits, without it the stock "
+                        "path (its mapped weights are reclaimable: slower, never killed for memory), with it an error")
     m.add_argument("--cache-size", metavar="SIZE",
                    help="the FFN cache alone, e.g. 256MiB (instead of a memory budget; keeps the runtime)")
     m.add_argument("--cache-ratio", type=float, metavar="R", help="neuron cache as a share of the FFN bytes, e.g. 0.25")

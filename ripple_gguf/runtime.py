@@ -417,7 +417,7 @@ class RippleLlama(llama_cpp.Llama):
     def _split(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs) -> tuple[int, int, dict]:
         """(the FFN cache asked for, the default one, how the memory splits) for the FFN the runtime
         would run from (self._streamed); RippleError when the budget cannot hold its minimum. Where
-        the default split is tight it is made without the staging of streamed prompt batches
+        the split (default or from a given budget) is tight it is made without the staging of streamed prompt batches
         (self._prefill_tokens: 0), and, where the caller set no batch size, for llama.cpp batches of
         TIGHT_UBATCH tokens (split["n_ubatch"]): its compute buffer is sized for its largest batch
         (SmolLM2 at n_ctx 512: 98 MiB for 512 tokens, 12 MiB for 64), and what that frees holds weights."""
@@ -428,7 +428,7 @@ class RippleLlama(llama_cpp.Llama):
         ub = int(asked_ub or 512)
         keep = self._prefill_given  # a stream_prefill the caller gave stays
         tries = [(ub, self._prefill_tokens)] + ([(ub, 0)] if self._prefill_tokens and not keep else [])
-        if asked_ub is None and opts.memory_budget is None:
+        if asked_ub is None:
             tries.append((TIGHT_UBATCH, self._prefill_tokens if keep else 0))
         # the same for every try (each stream_layout parses the GGUF header)
         n_ctx = int(kwargs.get("n_ctx", 512) or 512)
