@@ -53,7 +53,7 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("--allow-dense-fallback", action="store_true",
                    help="if the pack is missing or unusable, warn and run dense instead of failing")
     p.add_argument("--pack", metavar="FILE", help="pack path (default: OUT.ripple next to the GGUF)")
-    p.add_argument("--ctx", type=int, default=None, help="context size (default: 2048, or the model's if smaller)")
+    p.add_argument("--ctx", type=int, default=None, help="context size (default: 2048, or the model's if smaller; 512 where the model does not fit in memory)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: llama-cpp-python's)")
     p.add_argument("--io-threads", type=int, default=4, help="parallel pread workers (default 4)")
     _add_either_or(p, "direct_io",
@@ -99,7 +99,16 @@ def _ripple_kwargs(args) -> dict:
                 resident_weights=args.resident_weights)
 
 
-def _n_ctx(args, default: int = 2048) -> int:
+TIGHT_CTX = 512  # the default context where the model does not fit in memory
+
+
+def _n_ctx(args, default: int = 2048, needs: int = 0) -> int:
+    """--ctx, else `default` (or the model's own context if smaller). Where the model does not fit in
+    the memory available (or in --memory-budget), the default is TIGHT_CTX tokens, or `needs` (what the
+    command is known to use) if more: the KV cache is zeroed, so unreclaimable, at load (SmolLM2 at
+    2048 tokens: 45 MiB, 4x its size at 512), and in a memory cgroup a little smaller than the model it
+    was what OOM-killed `run`'s default settings. args.ctx_note says so."""
+    args.ctx_note = None
     if args.ctx is not None:
         if args.ctx < 8:
             raise RippleError("--ctx must be at least 8")
@@ -108,7 +117,26 @@ def _n_ctx(args, default: int = 2048) -> int:
     r = open_header(args.gguf)
     arch = kv(r, "general.architecture")
     train = kv(r, f"{arch}.context_length")
-    return min(default, int(train)) if train else default
+    ctx = min(default, int(train)) if train else default
+    tight = max(TIGHT_CTX, -(-needs // 256) * 256)
+    if ctx > tight and not _fits_in_memory(args, ctx):
+        args.ctx_note = (f"context: {tight} tokens, not {ctx}: the model does not fit in the memory available "
+                         "(pass --ctx to set it)")
+        return tight
+    return ctx
+
+
+def _fits_in_memory(args, n_ctx: int) -> bool:
+    """Do the GGUF's weights and a KV cache of n_ctx tokens fit in --memory-budget, else in the memory
+    available (True where that is unknown, or where --cache-size/--cache-ratio sized the cache alone)?"""
+    from .cgroup import available_memory
+    from .memory_budget import kv_cache_bytes
+    from .runtime import parse_size
+    if getattr(args, "cache_size", None) is not None or getattr(args, "cache_ratio", None) is not None:
+        return True
+    budget = getattr(args, "memory_budget", None)
+    avail = parse_size(budget) if budget is not None else available_memory()[0]
+    return avail is None or os.path.getsize(args.gguf) + kv_cache_bytes(args.gguf, n_ctx) <= avail
 
 
 def prepare(args) -> dict:
@@ -119,7 +147,9 @@ def prepare(args) -> dict:
         raise RippleError(f"{args.gguf}: no such file; pass a converted .gguf")
     from .runtime import verified_pack
     reset_peak_rss()
-    prep = {"n_ctx": _n_ctx(args), "pack": None}
+    # `run` needs its prompt's tokens (at most one per byte, plus special ones) and -n
+    needs = len(args.prompt.encode()) + 16 + args.n if getattr(args, "prompt", None) is not None else 0
+    prep = {"n_ctx": _n_ctx(args, needs=needs), "pack": None}
     if not args.dense:
         try:
             prep["pack"] = verified_pack(args.gguf, args.pack)
@@ -191,6 +221,7 @@ def cmd_run(args) -> dict:
         "prompt": phase(s_first, s0, len(prompt), t_first - t0),
         "generation": phase(s_end, s_first, max(len(ids) - 1, 0), t_end - t_first),
         "memory": _memory(args, llm, prep, rss_before), "operating_point": llm.ripple_point,
+        "n_ctx": llm.n_ctx(), "ctx_note": args.ctx_note,
         "ripple": s_end,
     }
     g = result["generation"]
@@ -262,6 +293,8 @@ def cmd_eval(args) -> dict:
 
 def print_mode_note(args, llm, out) -> None:
     """The operating point in use, and why the stock path ran if it did."""
+    if getattr(args, "ctx_note", None):
+        print(args.ctx_note, file=out)
     if llm.ripple_point:
         print(point_line(llm.ripple_point), file=out)
     if llm.ripple_dense_reason and not args.dense:

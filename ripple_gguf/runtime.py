@@ -20,7 +20,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from .errors import RippleError
+from .errors import NotEnoughMemory, RippleError
 from .pack import Pack, open_pack, pack_path_for
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -463,7 +463,7 @@ class RippleLlama(llama_cpp.Llama):
         (SmolLM2 Q4_1 in a cgroup of 75% / 50% of its size, weights mapped: 30.5 / 16.8 vs 9.4 / 6.0
         tok/s). Where not even that fits, stock (its mmap'd weights are page cache the kernel
         reclaims: slower, never an OOM kill). Loads stock and returns True when that is the case."""
-        from .memory_budget import MIB, whole_model_fits
+        from .memory_budget import MIB, stock_need, whole_model_fits
         split = self.ripple_budget_split  # None when --cache-size/--cache-ratio was given
         density = float(pack.op_density[point])
         if split is not None and opts.memory_budget is None and not opts.all_active and split.get("below_minimum") \
@@ -472,7 +472,17 @@ class RippleLlama(llama_cpp.Llama):
             # the non-FFN weights mapped either: its cache, predictors and buffers cannot be reclaimed,
             # stock's mapped weights can (ReLU2 bench model at 25% of its size in a cgroup: default
             # settings were OOM-killed on the pack path). The sizes are estimates (memory_budget.py), so
-            # near the edge this errs towards stock.
+            # near the edge this errs towards stock. Stock too gets llama.cpp batches of TIGHT_UBATCH
+            # tokens unless the caller set a size: its compute buffer is sized for the largest batch.
+            if "n_ubatch" not in kwargs and "n_batch" not in kwargs:
+                kwargs["n_ubatch"] = TIGHT_UBATCH
+            if stock_need(split) > split["available"]:
+                # not even that: an error, never a process the memory limit kills mid-run
+                raise NotEnoughMemory(
+                    f"{split['available'] / MIB:.0f} MiB available ({split['available_from']}) cannot hold "
+                    f"llama.cpp's KV cache ({split['kv_cache'] / MIB:.0f} MiB for {int(kwargs.get('n_ctx', 512) or 512)} "
+                    f"tokens) and compute buffers ({split['compute'] / MIB:.0f} MiB) with a margin, let alone the "
+                    f"weights: free some memory or pass a smaller --ctx", split)
             return self._load_stock(model_path, kwargs, pack, point, (
                 f"the runtime's fixed memory and its minimum FFN cache do not fit in the "
                 f"{split['available'] / MIB:.0f} MiB available ({split['available_from']}), not even with "

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ripple_gguf.errors import RippleError
+from ripple_gguf.errors import NotEnoughMemory, RippleError
 from ripple_gguf.pack import open_pack, pack_path_for
 from ripple_gguf.runtime import TIGHT_UBATCH, RippleLlama, parse_size, ripple_lib
 
@@ -677,9 +677,9 @@ def test_memory_budget_is_what_the_whole_process_may_use(packed, monkeypatch):
     dense_text.close()
     # the tight split's unreclaimable parts do not depend on the memory: from a run with next to none
     monkeypatch.setattr(mb, "available_memory", lambda: (2**20, "1 MiB"))
-    llm = RippleLlama(path, stream_dense=False, **KW)
-    parts = llm.ripple_budget_split
-    llm.close()
+    with pytest.raises(NotEnoughMemory) as nothing_fits:
+        RippleLlama(path, stream_dense=False, **KW)
+    parts = nothing_fits.value.split
     tight = mb.mapped_pack_need(parts) + mb.PAGE_CACHE_FLOOR + other // 2
     llm = RippleLlama(path, memory_budget=tight, stream_dense=False, **KW)
     split, st = llm.ripple_budget_split, llm.ripple_stats()
@@ -745,16 +745,25 @@ def test_defaults_take_the_stock_path_when_not_even_one_layer_of_cache_fits(pack
     pack path that a memory limit kills (ReLU2 bench model at 25% of its size in a cgroup)."""
     import ripple_gguf.memory_budget as mb
     path = packed("tiny-arcee-relu2", "f16")
-    monkeypatch.setattr(mb, "available_memory", lambda: (16 * 2**20, "a 16 MiB test limit"))
+    # where not even llama.cpp's own KV cache and compute buffers fit: an error naming them and the fix,
+    # never a run the memory limit kills (SmolLM2 in a 65 MiB cgroup, n_ctx 512: OOM-killed on stock)
+    monkeypatch.setattr(mb, "available_memory", lambda: (2**20, "1 MiB"))
+    with pytest.raises(NotEnoughMemory, match=r"cannot hold llama.cpp's KV cache .* smaller --ctx") as nothing_fits:
+        RippleLlama(path, **KW)
+    stock_room = mb.stock_need(nothing_fits.value.split) + 2**20
+    assert stock_room < mb.mapped_pack_need(nothing_fits.value.split)
+    monkeypatch.setattr(mb, "available_memory", lambda: (stock_room, "a test limit"))
     llm = RippleLlama(path, **KW)
     st = llm.ripple_stats()
     reason = llm.ripple_dense_reason
     split = llm.ripple_budget_split
     assert split["below_minimum"] and not split["mapped_fits"]
     text = llm.create_completion("def ", max_tokens=4, temperature=0.0)["choices"][0]["text"]
+    n_ubatch = llm.context_params.n_ubatch
     llm.close()
-    assert st["mode"] == "dense" and "do not fit in the 16 MiB available" in reason and "--cache-size" in reason
-    assert text
+    assert st["mode"] == "dense" and f"do not fit in the {stock_room / 2**20:.0f} MiB available" in reason
+    assert "--cache-size" in reason and text
+    assert n_ubatch == TIGHT_UBATCH  # llama.cpp's compute buffer sized for short batches there too
     # a cache size given keeps the pack path (the user asked for it), as does room for the minimum
     pk = open_pack(path)
     llm = RippleLlama(path, cache_size=pk.min_cache_bytes, **KW)
@@ -777,11 +786,11 @@ def test_defaults_keep_the_pack_with_mapped_weights_where_only_they_do_not_fit(p
     quality = "50%"
     assert pk.op_density[-1] < 0.9, "fixture has no sparse point"
     # the tight split's parts (KV cache, compute at the tight batch size, minimum cache) do not depend
-    # on the memory available: take them from a run with next to none (it runs stock)
+    # on the memory available: take them from a run with next to none (refused)
     monkeypatch.setattr(mb, "available_memory", lambda: (2**20, "1 MiB"))
-    llm = RippleLlama(path, quality=quality, **KW)
-    split = llm.ripple_budget_split
-    llm.close()
+    with pytest.raises(NotEnoughMemory) as nothing_fits:
+        RippleLlama(path, quality=quality, **KW)
+    split = nothing_fits.value.split
     assert split["below_minimum"] and not split["mapped_fits"]
     avail = mb.mapped_pack_need(split) + 2**20  # less than PAGE_CACHE_FLOOR more: none of the weights held
     monkeypatch.setattr(mb, "available_memory", lambda: (avail, "a test limit"))
@@ -846,3 +855,19 @@ def test_ctypes_mirrors_match_the_c_structs_field_for_field(struct, mirror):
              "double": ctypes.c_double, "float": ctypes.c_float}
     c_fields = [(n, ctype[t]) for t, n in _c_struct_fields(struct)]
     assert c_fields and c_fields == list(getattr(rt, mirror)._fields_)
+
+
+def test_run_default_context_shrinks_where_the_model_does_not_fit(smollm2):
+    """`run`'s default context is 2048 tokens (or the model's own), but its KV cache is zeroed, so
+    unreclaimable, at load: where the model does not fit in the memory available (here: a budget
+    given), the default is 512 tokens and the run says so; a --ctx given stays (SmolLM2 in a 98 MiB
+    cgroup: OOM-killed at 2048, a working run at 512)."""
+    path = smollm2["q4_1"]
+    out = {}
+    for extra in (["--memory-budget", "64MiB"], ["--memory-budget", "8GiB"], ["--memory-budget", "64MiB", "--ctx", "1024"]):
+        proc = run_cli("run", path, "--dense", "-p", "Hello", "-n", "4", "--json", *extra, check=True)
+        res = json.loads(proc.stdout)
+        out[" ".join(extra)] = (res["n_ctx"], res["ctx_note"])
+    assert out["--memory-budget 64MiB"][0] == 512 and "does not fit" in out["--memory-budget 64MiB"][1]
+    assert out["--memory-budget 8GiB"] == (2048, None)
+    assert out["--memory-budget 64MiB --ctx 1024"] == (1024, None)
