@@ -180,14 +180,6 @@ def mapped_pack_need(split: dict, cache: int | None = None) -> int:
     return fixed + max(8 * MIB, fixed // 10)
 
 
-def stock_need(split: dict) -> int:
-    """What llama.cpp's stock path cannot give back where this split was made: its KV cache (zeroed at
-    load) and compute buffers at their worst, with the same margin as mapped_pack_need. Its weights are
-    mapped: page cache the kernel reclaims (slowly, re-reading them), so this is the least it runs in."""
-    fixed = split["kv_cache"] + split["compute"]
-    return fixed + max(8 * MIB, fixed // 10)
-
-
 def non_ffn_fits(split: dict, cache: int) -> bool:
     """Can the non-FFN weights be read into memory (resident) next to a neuron cache of `cache` bytes
     where this split was made? The split already counts them as resident; this asks whether what is

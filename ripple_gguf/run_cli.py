@@ -55,14 +55,18 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("--pack", metavar="FILE", help="pack path (default: OUT.ripple next to the GGUF)")
     p.add_argument("--ctx", type=int, default=None, help="context size (default: 2048, or the model's if smaller; 512 where the model does not fit in memory)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: llama-cpp-python's)")
-    p.add_argument("--io-threads", type=int, default=4, help="parallel pread workers (default 4)")
+    from .runtime import runtime_param_defaults
+    lib = runtime_param_defaults()  # the runtime's own defaults (include/llama-ripple.h), where it loads
+    default = lambda name, fmt="{}": f"default {fmt.format(lib[name])}" if name in lib else "default: the runtime's"
+    p.add_argument("--io-threads", type=int, default=None, help=f"parallel pread workers ({default('io_threads')})")
     _add_either_or(p, "direct_io",
                    ("--direct-io", "read the pack with O_DIRECT, bypassing the page cache (default: where the model "
                     "does not fit in the memory available; buffered reads would keep a second copy of the cache there)"),
                    ("--buffered-io", "read the pack through the page cache even where the model does not fit"))
     p.add_argument("--all-active", action="store_true", help="debug: predictor off, every neuron computed")
     p.add_argument("--pin-percent", type=int, default=None,
-                   help="share of the cache pinned to hot neurons (default 50; 100 where every neuron is computed)")
+                   help=f"share of the cache pinned to hot neurons ({default('pin_percent')}; 100 where every neuron "
+                        "is computed)")
     p.add_argument("--cold-cache", action="store_true",
                    help="start with only the pinned neurons cached (default: fill the rest with the next hottest at load)")
     p.add_argument("--no-read-ahead", action="store_true",
@@ -79,8 +83,8 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("--quality", metavar="PCT", default=None,
                    help="operating point: the sparsest one the pack stores within this perplexity increase on "
                         "calibration text, e.g. 1%% (0%% = every neuron); default: the pack's (chosen at convert)")
-    p.add_argument("--threshold-offset", type=float, default=0.0, metavar="LOGIT",
-                   help="added to the pack's predictor thresholds: < 0 computes more neurons (default 0)")
+    p.add_argument("--threshold-offset", type=float, default=None, metavar="LOGIT",
+                   help=f"added to the pack's predictor thresholds: < 0 computes more neurons ({default('threshold_offset', '{:g}')})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     if generation:
@@ -93,8 +97,8 @@ def _ripple_kwargs(args) -> dict:
                 dense=args.dense, dense_fallback=args.allow_dense_fallback, all_active=args.all_active,
                 io_threads=args.io_threads, direct_io=args.direct_io, pin_percent=args.pin_percent,
                 t0_us=args.t0_us, bw_mbps=args.bw_mbps, merge_gap_bytes=args.merge_gap,
-                threshold_offset=args.threshold_offset, warm_cache=not args.cold_cache,
-                read_ahead=not args.no_read_ahead, quality=args.quality, stream_prefill=args.stream_prefill,
+                threshold_offset=args.threshold_offset, warm_cache=False if args.cold_cache else None,
+                read_ahead=False if args.no_read_ahead else None, quality=args.quality, stream_prefill=args.stream_prefill,
                 stock_when_dense=not getattr(args, "curve", False),  # the curve moves along every point
                 resident_weights=args.resident_weights)
 

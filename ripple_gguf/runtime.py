@@ -20,7 +20,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from .errors import NotEnoughMemory, RippleError
+from .errors import RippleError
 from .pack import Pack, open_pack, pack_path_for
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -50,45 +50,53 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-class RippleParams(ctypes.Structure):
-    """struct llama_ripple_params (include/llama-ripple.h)."""
-    _fields_ = [
-        ("memory_budget", ctypes.c_uint64),
-        ("io_threads", ctypes.c_int32),
-        ("direct_io", ctypes.c_int32),
-        ("all_active", ctypes.c_int32),
-        ("pin_percent", ctypes.c_int32),
-        ("t0_us", ctypes.c_double),
-        ("bw_mbps", ctypes.c_double),
-        ("merge_gap_bytes", ctypes.c_int64),
-        ("threshold_offset", ctypes.c_double),
-        ("warm_cache", ctypes.c_int32),
-        ("read_ahead", ctypes.c_int32),
-        ("stream_dense", ctypes.c_int32),
-        ("weight_bytes", ctypes.c_uint64),
-        ("stream_prefill_tokens", ctypes.c_int32),
-    ]
+_CTYPES = {"uint64_t": ctypes.c_uint64, "int64_t": ctypes.c_int64, "int32_t": ctypes.c_int32, "double": ctypes.c_double}
 
 
-_u64, _f64 = ctypes.c_uint64, ctypes.c_double
+@dataclass(frozen=True)
+class CField:
+    """One field of a struct in include/llama-ripple.h, as the library describes it."""
+    name: str
+    ctype: type
+    default: float
+    doc: str
 
 
-class RippleStatsC(ctypes.Structure):
-    """struct llama_ripple_stats (include/llama-ripple.h), field for field in its order."""
-    _fields_ = [
-        ("tokens", _u64), ("layer_tokens", _u64), ("reads", _u64), ("bytes_read", _u64), ("useful_bytes", _u64),
-        ("cache_hits", _u64), ("cache_misses", _u64), ("active_neurons", _u64), ("total_neurons", _u64),
-        ("preload_reads", _u64), ("preload_bytes", _u64), ("cache_bytes", _u64), ("cache_slots", _u64),
-        ("pinned_slots", _u64), ("bundle_bytes", _u64), ("ffn_bytes", _u64), ("min_budget", _u64),
-        ("overhead_bytes", _u64), ("merge_gap_bytes", _u64), ("direct_io", _u64), ("all_active", _u64),
-        ("error", _u64), ("io_seconds", _f64), ("t0_us", _f64), ("bw_mbps", _f64), ("verify_seconds", _f64),
-        ("ahead_neurons", _u64), ("ahead_used", _u64), ("ahead_seconds", _f64), ("ahead_wait_seconds", _f64),
-        ("stream_dense", _u64), ("resident_layers", _u64), ("pinned_weight_bytes", _u64), ("mapped_weight_bytes", _u64),
-        ("stream_prefill_bytes", _u64),
-    ]
+@dataclass(frozen=True)
+class RippleC:
+    """The ripple C API's structs, built from the layouts the library reports (llama-ripple.h defines
+    each field once, in LLAMA_RIPPLE_PARAMS / LLAMA_RIPPLE_STATS): no copy to keep in step here."""
+    params: type             # ctypes.Structure of struct llama_ripple_params
+    stats: type              # ... of struct llama_ripple_stats
+    param_fields: tuple      # CField per parameter, with the library's default and doc
+
+    def param_default(self, name: str):
+        f = next(f for f in self.param_fields if f.name == name)
+        return f.ctype(int(f.default) if f.ctype is not ctypes.c_double else f.default).value
+
+
+def c_struct(layout: str, name: str) -> tuple[type, tuple]:
+    """(ctypes Structure, CFields) from a llama_ripple_*_layout() text; RippleError where the mirror
+    ctypes would build does not have the library's offsets and size."""
+    fields, offsets, size = [], [], None
+    for line in layout.splitlines():
+        parts = line.split("\t")
+        if parts[0] == "sizeof" and len(parts) == 2:
+            size = int(parts[1])
+        elif len(parts) == 5 and parts[1] in _CTYPES:
+            fields.append(CField(parts[0], _CTYPES[parts[1]], float(parts[3]), parts[4]))
+            offsets.append(int(parts[2]))
+        else:
+            raise RippleError(f"the ripple library describes struct {name} in a form this ripple-gguf does not "
+                              f"read ({line!r}): reinstall with tools/setup.sh")
+    cls = type(name, (ctypes.Structure,), {"_fields_": [(f.name, f.ctype) for f in fields]})
+    if size != ctypes.sizeof(cls) or [getattr(cls, f.name).offset for f in fields] != offsets:
+        raise RippleError(f"struct {name}: the library's layout and its ctypes mirror disagree: reinstall with tools/setup.sh")
+    return cls, tuple(fields)
 
 
 _lib_cache = None
+_c_cache: RippleC | None = None
 
 
 def ripple_lib():
@@ -100,13 +108,22 @@ def ripple_lib():
     if not hasattr(lib, "llama_ripple_register"):
         raise RippleError("the installed llama-cpp-python was built without the ripple runtime patch; "
                           "run tools/setup.sh (or use --dense)")
+    global _c_cache
     p, vp = ctypes.c_char_p, ctypes.c_void_p
+    if not hasattr(lib, "llama_ripple_params_layout"):
+        raise RippleError("the installed llama-cpp-python was built from an older ripple runtime patch; "
+                          "run tools/setup.sh")
+    for fn in (lib.llama_ripple_params_layout, lib.llama_ripple_stats_layout):
+        fn.argtypes, fn.restype = [], p
+    params, fields = c_struct(lib.llama_ripple_params_layout().decode(), "llama_ripple_params")
+    stats, _ = c_struct(lib.llama_ripple_stats_layout().decode(), "llama_ripple_stats")
+    c = RippleC(params, stats, fields)
     sig = {
-        "llama_ripple_default_params": ([], RippleParams),
-        "llama_ripple_register": ([p, p, ctypes.POINTER(RippleParams)], ctypes.c_int32),
+        "llama_ripple_default_params": ([], c.params),
+        "llama_ripple_register": ([p, p, ctypes.POINTER(c.params)], ctypes.c_int32),
         "llama_ripple_unregister": ([p], None),
         "llama_ripple_is_attached": ([vp], ctypes.c_bool),
-        "llama_ripple_get_stats": ([vp, ctypes.POINTER(RippleStatsC)], ctypes.c_int32),
+        "llama_ripple_get_stats": ([vp, ctypes.POINTER(c.stats)], ctypes.c_int32),
         "llama_ripple_reset_stats": ([vp], None),
         "llama_ripple_last_error": ([vp], p),
         "llama_ripple_set_trace": ([vp, ctypes.c_bool], None),
@@ -122,26 +139,34 @@ def ripple_lib():
             continue  # in libraries built from patches of this version on
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
-    _lib_cache = lib
+    _lib_cache, _c_cache = lib, c
     return lib
+
+
+def ripple_c() -> RippleC:
+    """The C API's structs (see RippleC); RippleError where the library is not the patched one."""
+    ripple_lib()
+    return _c_cache
+
+
+def runtime_param_defaults() -> dict:
+    """{parameter: the library's default} for help texts; {} where the library cannot be loaded."""
+    try:
+        c = ripple_c()
+    except (RippleError, OSError):
+        return {}
+    return {f.name: c.param_default(f.name) for f in c.param_fields}
 
 
 @dataclass
 class RippleOptions:
+    """What sizes the FFN cache (memory_budget.py; the runtime's other parameters go to the library as
+    given, each defaulting to its own default in include/llama-ripple.h)."""
     memory_budget: int | str | None = None   # everything the process may use, bytes or "2GiB" (default:
                                              # what the machine or its memory cgroup has available)
     cache_size: int | str | None = None      # or: the neuron cache alone
     cache_ratio: float | None = None         # or: the neuron cache as this share of the FFN bytes
-    io_threads: int = 4
-    direct_io: bool | None = None            # O_DIRECT pack reads (None: where the model does not fit)
     all_active: bool = False                 # debug: predictor off, every neuron computed
-    pin_percent: int | None = None
-    t0_us: float | None = None               # cost-model overrides (default: probed at load)
-    bw_mbps: float | None = None
-    merge_gap_bytes: int | None = None
-    threshold_offset: float = 0.0            # added to the pack's predictor thresholds (< 0: more neurons)
-    warm_cache: bool = True                  # fill the unpinned cache with the next-hottest neurons at load
-    read_ahead: bool = True                  # read the next layer's likely misses while a layer computes
 
 
 def ffn_layout(model_path: str, pack: Pack, streamed: bool) -> tuple[int, int]:
@@ -299,9 +324,10 @@ class RippleLlama(llama_cpp.Llama):
     def __init__(self, model_path: str, *, pack_path: str | None = None, pack: Pack | None = None,
                  memory_budget: int | str | None = None, cache_size: int | str | None = None,
                  cache_ratio: float | None = None, dense: bool = False, dense_fallback: bool = False,
-                 all_active: bool = False, io_threads: int = 4, direct_io: bool | None = None, pin_percent: int | None = None,
-                 t0_us: float | None = None, bw_mbps: float | None = None, merge_gap_bytes: int | None = None,
-                 threshold_offset: float = 0.0, warm_cache: bool = True, read_ahead: bool = True, quality=None,
+                 all_active: bool = False, io_threads: int | None = None, direct_io: bool | None = None,
+                 pin_percent: int | None = None, t0_us: float | None = None, bw_mbps: float | None = None,
+                 merge_gap_bytes: int | None = None, threshold_offset: float | None = None,
+                 warm_cache: bool | None = None, read_ahead: bool | None = None, quality=None,
                  stock_when_dense: bool = True, resident_weights: bool | int | str | None = None,
                  stream_dense: bool | None = None, stream_prefill: int | None = None, **kwargs):
         self.ripple_pack: Pack | None = None
@@ -309,7 +335,7 @@ class RippleLlama(llama_cpp.Llama):
         self.ripple_point: dict | None = None
         self.ripple_budget_split: dict | None = None  # how the default cache size was found (None: given)
         self.ripple_non_ffn: str | None = None  # "resident", "partly resident (...)" or "mapped (why)" on the runtime
-        self._threshold_offset = float(threshold_offset)
+        self._threshold_offset = float(threshold_offset or 0.0)
         self._no_predictors = False  # attached at a dense point without the predictors
         self._streamed = False       # the FFN streamed from the GGUF's own tensors (params.stream_dense)
         self._prefill_tokens = 0     # beside the pack: batches this long stream the dense FFN (0: none)
@@ -318,8 +344,7 @@ class RippleLlama(llama_cpp.Llama):
         model_path = str(model_path)
         if not Path(model_path).is_file():
             raise RippleError(f"{model_path}: no such file; pass the path of a converted .gguf")
-        opts = RippleOptions(memory_budget, cache_size, cache_ratio, io_threads, direct_io, all_active, pin_percent,
-                             t0_us, bw_mbps, merge_gap_bytes, threshold_offset, warm_cache, read_ahead)
+        opts = RippleOptions(memory_budget, cache_size, cache_ratio, all_active)
         kwargs.setdefault("n_gpu_layers", 0)
         if dense:
             self.ripple_dense_reason = "dense requested"
@@ -372,23 +397,25 @@ class RippleLlama(llama_cpp.Llama):
             kwargs["use_mmap"] = False
         if split.get("n_ubatch") == TIGHT_UBATCH and "n_ubatch" not in kwargs and "n_batch" not in kwargs:
             kwargs["n_ubatch"] = TIGHT_UBATCH  # the split counted llama.cpp's compute buffer at this batch size
+        # the library's defaults (include/llama-ripple.h), then what the caller gave, then what this split decided
         params = lib.llama_ripple_default_params()
+        given_params = {"io_threads": io_threads, "t0_us": t0_us, "bw_mbps": bw_mbps, "merge_gap_bytes": merge_gap_bytes,
+                        "threshold_offset": threshold_offset, "warm_cache": warm_cache, "read_ahead": read_ahead}
+        for name, value in given_params.items():
+            if value is not None:
+                setattr(params, name, type(getattr(params, name))(value))
+        if params.io_threads < 1:
+            raise RippleError("io_threads (--io-threads) must be at least 1")
         params.memory_budget = budget
-        params.io_threads = max(1, int(io_threads))
         params.direct_io = int(bool(direct_io))
         params.all_active = int(bool(all_active) or self._no_predictors)
-        if pin_percent is None:
+        if pin_percent is not None:
+            params.pin_percent = int(pin_percent)
+        elif all_active or self._no_predictors:
             # every token needs every neuron at a dense point: a cyclic sweep larger than the cache, where
             # anything unpinned is evicted before it is used again (SmolLM2 Q4_1 at 75% of its size: hit
-            # rate 0.27 of an ideal 0.34 with half pinned); elsewhere half pinned, half S3-FIFO
-            pin_percent = 100 if all_active or self._no_predictors else 50
-        params.pin_percent = int(pin_percent)
-        params.t0_us = float(t0_us or 0.0)
-        params.bw_mbps = float(bw_mbps or 0.0)
-        params.merge_gap_bytes = -1 if merge_gap_bytes is None else int(merge_gap_bytes)
-        params.threshold_offset = float(threshold_offset)
-        params.warm_cache = int(bool(warm_cache))
-        params.read_ahead = int(bool(read_ahead))
+            # rate 0.27 of an ideal 0.34 with half pinned); elsewhere the library's split (half S3-FIFO)
+            params.pin_percent = 100
         params.stream_dense = int(self._streamed)
         params.weight_bytes = held or 0
         params.stream_prefill_tokens = self._prefill_tokens
@@ -463,7 +490,7 @@ class RippleLlama(llama_cpp.Llama):
         (SmolLM2 Q4_1 in a cgroup of 75% / 50% of its size, weights mapped: 30.5 / 16.8 vs 9.4 / 6.0
         tok/s). Where not even that fits, stock (its mmap'd weights are page cache the kernel
         reclaims: slower, never an OOM kill). Loads stock and returns True when that is the case."""
-        from .memory_budget import MIB, stock_need, whole_model_fits
+        from .memory_budget import MIB, whole_model_fits
         split = self.ripple_budget_split  # None when --cache-size/--cache-ratio was given
         density = float(pack.op_density[point])
         if split is not None and opts.memory_budget is None and not opts.all_active and split.get("below_minimum") \
@@ -476,13 +503,6 @@ class RippleLlama(llama_cpp.Llama):
             # tokens unless the caller set a size: its compute buffer is sized for the largest batch.
             if "n_ubatch" not in kwargs and "n_batch" not in kwargs:
                 kwargs["n_ubatch"] = TIGHT_UBATCH
-            if stock_need(split) > split["available"]:
-                # not even that: an error, never a process the memory limit kills mid-run
-                raise NotEnoughMemory(
-                    f"{split['available'] / MIB:.0f} MiB available ({split['available_from']}) cannot hold "
-                    f"llama.cpp's KV cache ({split['kv_cache'] / MIB:.0f} MiB for {int(kwargs.get('n_ctx', 512) or 512)} "
-                    f"tokens) and compute buffers ({split['compute'] / MIB:.0f} MiB) with a margin, let alone the "
-                    f"weights: free some memory or pass a smaller --ctx", split)
             return self._load_stock(model_path, kwargs, pack, point, (
                 f"the runtime's fixed memory and its minimum FFN cache do not fit in the "
                 f"{split['available'] / MIB:.0f} MiB available ({split['available_from']}), not even with "
@@ -529,7 +549,7 @@ class RippleLlama(llama_cpp.Llama):
         if not self.ripple_active:
             return None
         lib = ripple_lib()
-        st = RippleStatsC()
+        st = ripple_c().stats()
         if lib.llama_ripple_get_stats(self.model, ctypes.byref(st)) != 0 or not st.error:
             return None
         return lib.llama_ripple_last_error(self.model).decode(errors="replace") or "ripple runtime error"
@@ -559,11 +579,11 @@ class RippleLlama(llama_cpp.Llama):
         (counted at the syscall), cache hits/misses, I/O seconds, predicted density, and the setup."""
         if not self.ripple_active:
             return {"mode": "dense", "reason": self.ripple_dense_reason}
-        lib = ripple_lib()
-        st = RippleStatsC()
+        lib, c = ripple_lib(), ripple_c()
+        st = c.stats()
         if lib.llama_ripple_get_stats(self.model, ctypes.byref(st)) != 0:
             raise RippleError("ripple pack is not attached")
-        d = {n: (int if t is _u64 else float)(getattr(st, n)) for n, t in RippleStatsC._fields_}
+        d = {n: (float if t is ctypes.c_double else int)(getattr(st, n)) for n, t in c.stats._fields_}
         d["error"] = bool(d["error"])
         d["direct_io"] = bool(d["direct_io"])
         d["all_active"] = bool(d["all_active"])

@@ -35,7 +35,7 @@ from gguf import GGMLQuantizationType as QT
 
 from ripple_gguf.errors import RippleError
 from ripple_gguf.pack import open_pack, pack_path_for
-from ripple_gguf.runtime import RippleLlama, RippleStatsC, ripple_lib
+from ripple_gguf.runtime import RippleLlama, ripple_c, ripple_lib
 
 from conftest import CALIB, MODELS, all_logits, prompts, run_cli
 
@@ -410,7 +410,7 @@ def test_pack_with_per_layer_bundle_sizes_runs_in_a_one_layer_cache(typed):
     # no budget (0 in the C API): a slot for every neuron, although the FFN's bytes would fit fewer slots
     llm, err = load_unverified(path, pack_path_for(path))
     assert llm is not None, err
-    full = RippleStatsC()
+    full = ripple_c().stats()
     assert ripple_lib().llama_ripple_get_stats(llm.model, ctypes.byref(full)) == 0
     llm.close()
     assert full.cache_slots == sum(pk.n_ff) and full.ffn_bytes == pk.ffn_pack_bytes
