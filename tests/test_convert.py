@@ -114,3 +114,33 @@ def test_inspect_reports_fewer_reads_than_identity_on_unseen_text(converted, mod
     assert pt["stored"] < pt["identity"]
     text = run_cli("inspect", path, check=True).stdout
     assert "contiguous reads per token" in text and "identity order" in text
+
+
+def test_a_qwen2_checkpoint_converts_and_runs(tmp_path):
+    """Qwen2 (attention biases, output tied to the token embedding) through the whole pipeline:
+    convert, the pack, and the runtime at its every-neuron point (llama.cpp's own tokens, weights held
+    or mapped) and at a sparse one."""
+    import subprocess
+    import sys
+    from conftest import CALIB, ROOT
+    from ripple_gguf.runtime import RippleLlama
+    ckpt = tmp_path / "tiny-qwen2"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_qwen2_fixture.py"), str(ckpt)], check=True,
+                   capture_output=True, timeout=600)
+    out = tmp_path / "qwen2.gguf"
+    run_cli("convert", ckpt, "-o", out, "--outtype", "f16", "--calib", CALIB, check=True)
+    assert GGUFReader(out).fields["general.architecture"].contents() == "qwen2"
+    want = greedy_tokens(out, n=24)
+    kw = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
+    for held in (True, False):
+        llm = RippleLlama(out, quality="0%", memory_budget="256MiB", resident_weights=held, **kw)
+        toks = llm.tokenize(PROMPT.encode())
+        got = [t for _, t in zip(range(24), llm.generate(toks, temp=0.0, top_k=1))]
+        st = llm.ripple_stats()
+        llm.close()
+        assert st["mode"] == "sparse" and not st["error"] and got == want, held
+    llm = RippleLlama(out, quality="5%", memory_budget="256MiB", **kw)
+    text = llm.create_completion(PROMPT, max_tokens=16, temperature=0.0)["choices"][0]["text"]
+    st = llm.ripple_stats()
+    llm.close()
+    assert st["mode"] == "sparse" and not st["error"] and st["predicted_density"] < 1.0 and text
