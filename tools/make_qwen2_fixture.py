@@ -5,7 +5,10 @@ second real llama.cpp architecture on every test run. Deterministic (seed 0).
 
     .venv/bin/python tools/make_qwen2_fixture.py OUT_DIR
 """
-import json, shutil, torch, sys
+import shutil
+import sys
+
+import torch
 from pathlib import Path
 from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 src = Path(__file__).resolve().parents[1] / "models" / "tiny-llama-swiglu"; out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
