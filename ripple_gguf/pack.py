@@ -402,6 +402,18 @@ def _type_array(r: GGUFHeader, key: str, n_layer: int) -> list[QT] | None:
         return None
 
 
+def _has_ripple_index(gguf_path: Path) -> bool:
+    """Does this GGUF carry ripple-gguf's neuron-group index (was it converted)? True where its header
+    cannot be read: the pack's own checks then say what is wrong."""
+    from .gguf_io import open_header, read_ffn_layout
+    from .index_keys import read_index
+    try:
+        header = open_header(gguf_path)
+        return read_index(header, read_ffn_layout(header).n_ff) is not None
+    except (RippleError, OSError):
+        return True
+
+
 def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None = None) -> Pack:
     """Open and fully validate a pack against its GGUF; refuses anything that does not match.
     Reads only the two headers, the binding's bytes and the predictors (no readahead), so opening a
@@ -410,6 +422,11 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
     path = Path(pack_path) if pack_path else pack_path_for(gguf_path)
     fix = REBUILD.format(gguf=gguf_path)
     if not path.is_file():
+        if not pack_path and not _has_ripple_index(gguf_path):
+            out = gguf_path.with_name(gguf_path.stem + "-ripple.gguf")
+            raise RippleError(f"{gguf_path} is not a ripple-gguf conversion (no ripple index, no pack): "
+                              f"`ripple-gguf convert {gguf_path} -o {out}` makes one (and its pack); "
+                              "or pass --dense to run it on llama.cpp's stock path")
         raise RippleError(f"no offload pack at {path}; {fix}")
     size = path.stat().st_size
     try:

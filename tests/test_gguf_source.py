@@ -210,3 +210,15 @@ def test_smollm2_f16_converts_exactly(smollm2, tmp_path):
     errs = check_converted(src, out)
     assert all(e == 0.0 for v in errs.values() for e in v)
     assert greedy_tokens(out, n=48) == greedy_tokens(src, n=48)
+
+
+def test_running_an_unconverted_gguf_says_to_convert_it(smollm2):
+    """A user's own GGUF (SmolLM2 as shipped) given to `run` before `convert`: one line saying how to
+    convert it (the pack's rebuild hint alone sent them to `pack`, which then asked for `convert`), or
+    --dense."""
+    src = smollm2["q4_1"]
+    proc = run_cli("run", src, "-p", "x", "-n", "2")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "is not a ripple-gguf conversion" in proc.stderr and f"ripple-gguf convert {src}" in proc.stderr
+    assert "--dense" in proc.stderr
+    assert run_cli("run", src, "-p", "x", "-n", "2", "--dense").returncode == 0
