@@ -27,6 +27,16 @@ def _add_either_or(p, dest: str, on: tuple[str, str], off: tuple[str, str]) -> N
     g.add_argument(off[0], dest=dest, action="store_const", const=False, help=off[1])
 
 
+def _runtime_defaults() -> dict:
+    """The library's parameter defaults for --help; {} where llama-cpp-python or the patched library
+    cannot be loaded (every command's parser is built at start: `convert` must not need it)."""
+    try:
+        from .runtime import runtime_param_defaults
+        return runtime_param_defaults()
+    except (ImportError, OSError):
+        return {}
+
+
 def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("gguf", help="converted .gguf (its OUT.ripple pack is found next to it)")
     m = p.add_mutually_exclusive_group()
@@ -55,8 +65,7 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("--pack", metavar="FILE", help="pack path (default: OUT.ripple next to the GGUF)")
     p.add_argument("--ctx", type=int, default=None, help="context size (default: 2048, or the model's if smaller; 512 where the model does not fit in memory)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: llama-cpp-python's)")
-    from .runtime import runtime_param_defaults
-    lib = runtime_param_defaults()  # the runtime's own defaults (include/llama-ripple.h), where it loads
+    lib = _runtime_defaults()  # the runtime's own defaults (include/llama-ripple.h), where it loads
     default = lambda name, fmt="{}": f"default {fmt.format(lib[name])}" if name in lib else "default: the runtime's"
     p.add_argument("--io-threads", type=int, default=None, help=f"parallel pread workers ({default('io_threads')})")
     _add_either_or(p, "direct_io",
