@@ -72,11 +72,20 @@ def _kv_bytes(r, n_ctx: int) -> int:
     return 2 * 2 * n_layer * n_ctx * width
 
 
+# llama.cpp's vocabulary (token strings, their index, BPE merges) and llama-cpp-python's per-token state
+# are anonymous memory that grows with the vocabulary: measured after load and a few decodes at a
+# 16-token context, SmolLM2 (49,152 tokens) 26 MiB, the 1,024-token fixtures 3 MiB: ~480 bytes a token.
+# The flat 8 MiB below and the margins (mapped_pack_need) were measured to hold SmolLM2's; a larger
+# vocabulary adds the rest (Qwen2's 151,936 tokens: +47 MiB, which no margin here would absorb).
+VOCAB_BYTES_PER_TOKEN, VOCAB_MEASURED = 480, 49152
+
+
 def _llama_compute_bytes(r, n_ctx: int, n_ubatch: int, logits_all: bool) -> int:
     """What llama.cpp (and llama-cpp-python) allocate besides weights and KV cache, touched at worst:
     one ubatch's activations (FFN intermediates, residual copies), its attention scores against the
     context (f32, scores and softmax), the logits (every token's with logits_all, in llama.cpp's buffer
-    and llama-cpp-python's n_ctx x n_vocab array) and 8 MiB for the vocabulary and small buffers.
+    and llama-cpp-python's n_ctx x n_vocab array) and 8 MiB for the vocabulary and small buffers (more for
+    a vocabulary larger than SmolLM2's: VOCAB_BYTES_PER_TOKEN).
     SmolLM2 at n_ctx 512: 41 MiB estimated (a 512-token batch), 34 MiB measured after a 60-token
     prompt and 20 decodes (RssAnon growth less the KV cache)."""
     arch = kv(r, "general.architecture", "llama")
@@ -88,7 +97,8 @@ def _llama_compute_bytes(r, n_ctx: int, n_ubatch: int, logits_all: bool) -> int:
         n_ctx = int(kv(r, f"{arch}.context_length", 4096) or 4096)
     ub = max(1, min(n_ubatch, n_ctx))
     logits = (ub + n_ctx) * n_vocab if logits_all else 2 * n_vocab
-    return 4 * (ub * (2 * n_ff + 8 * n_embd) + 2 * ub * n_ctx * heads + logits) + 8 * MIB
+    vocab = VOCAB_BYTES_PER_TOKEN * max(0, n_vocab - VOCAB_MEASURED)
+    return 4 * (ub * (2 * n_ff + 8 * n_embd) + 2 * ub * n_ctx * heads + logits) + 8 * MIB + vocab
 
 
 def llama_compute_bytes(path: str, n_ctx: int, n_ubatch: int = 512, logits_all: bool = False) -> int:
