@@ -466,7 +466,7 @@ class RippleLlama(llama_cpp.Llama):
             try:
                 default_cache, split = default_cache_budget(
                     model_path, n_ctx, budget, layout[1], predictors, staging=staging if prefill else 0,
-                    total=total, n_ubatch=ub, logits_all=bool(kwargs.get("logits_all")))
+                    total=total, n_ubatch=ub, logits_all=bool(kwargs.get("logits_all")), streamed=self._streamed)
             except RippleError:  # a given budget below the minimum: without the staging it may hold
                 if i == len(tries) - 1:
                     raise
