@@ -119,7 +119,7 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
     it cannot hold even the tight split's unreclaimable parts (mapped_pack_fits). split["ffn_room"] is what is left
     for FFN weights of any kind (the neuron cache and predictors, or the GGUF's own FFN on the stock
     path), next to split["gguf_ffn"]."""
-    avail, source = available_memory() if total is None else (total, "--memory-budget")
+    avail, source = budget_or_available(total)
     r = open_header(model_path)
     ffn = _ffn_bytes(r)
     other, kv_bytes = os.path.getsize(model_path) - ffn, _kv_bytes(r, n_ctx)
@@ -161,6 +161,18 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
     return cache, split
 
 
+def budget_or_available(total: int | None) -> tuple[int | None, str]:
+    """(bytes, where from): the --memory-budget given, else what the machine or its memory cgroup has."""
+    return available_memory() if total is None else (total, "--memory-budget")
+
+
+def model_fits(path: str, n_ctx: int, total: int | None = None) -> bool:
+    """Do the GGUF's weights and a KV cache of n_ctx tokens fit in `total`, else in the memory
+    available (True where that is unknown)? whole_model_fits, before any split is made."""
+    avail = budget_or_available(total)[0]
+    return avail is None or os.path.getsize(path) + kv_cache_bytes(path, n_ctx) <= avail
+
+
 def whole_model_fits(split: dict) -> bool:
     """Would the GGUF with every weight in memory (the stock path, its weights in the page cache) fit
     where this split was made? Weights and KV cache against what is available: llama.cpp's compute
@@ -182,12 +194,20 @@ def mapped_pack_fits(split: dict) -> bool:
     return split.get("available") is not None and mapped_pack_need(split) <= split["available"]
 
 
+MARGIN_MIN, MARGIN_SHARE = 8 * MIB, 10  # the unreclaimable parts' margin: max(8 MiB, a tenth of them)
+
+
+def _unreclaimable(split: dict, cache: int | None = None) -> int:
+    """What the kernel cannot reclaim on the pack path with a neuron cache of `cache` bytes (default the
+    minimum): KV cache, compute buffers at their worst, the cache, predictors, runtime buffers."""
+    return (split["kv_cache"] + split["compute"] + (split["minimum"] if cache is None else cache)
+            + split["predictors"] + RUNTIME_MAPPED)
+
+
 def mapped_pack_need(split: dict, cache: int | None = None) -> int:
-    """The memory mapped_pack_fits asks for: the unreclaimable parts (with a neuron cache of `cache`
-    bytes, default the minimum) plus their margin."""
-    fixed = (split["kv_cache"] + split["compute"] + (split["minimum"] if cache is None else cache)
-             + split["predictors"] + RUNTIME_MAPPED)
-    return fixed + max(8 * MIB, fixed // 10)
+    """The memory mapped_pack_fits asks for: the unreclaimable parts plus their margin."""
+    fixed = _unreclaimable(split, cache)
+    return fixed + max(MARGIN_MIN, fixed // MARGIN_SHARE)
 
 
 def non_ffn_fits(split: dict, cache: int) -> bool:
@@ -216,8 +236,8 @@ def _cache_beside_all_weights(split: dict) -> int:
     held there is no mapped rest, so no PAGE_CACHE_FLOOR: at 75% of SmolLM2 Q4_1 the allowances left
     ~20 MiB unused beside the minimum cache (23.7 tok/s); given to the cache, 32.8-33.8 (same cgroup)."""
     room = split["available"] - split["non_ffn_weights"] + _all_held_relief(split)
-    fixed = split["kv_cache"] + split["compute"] + split["minimum"] + split["predictors"] + RUNTIME_MAPPED
-    return int(min(room - fixed - 8 * MIB, room / 1.1 - fixed))
+    fixed = _unreclaimable(split)  # mapped_pack_need inverted: both the margin's floor and its share hold
+    return int(min(room - MARGIN_MIN - fixed, room * MARGIN_SHARE / (MARGIN_SHARE + 1) - fixed))
 
 
 def resident_weight_bytes(split: dict, cache: int) -> int:

@@ -402,6 +402,15 @@ def _type_array(r: GGUFHeader, key: str, n_layer: int) -> list[QT] | None:
         return None
 
 
+def not_converted(gguf_path) -> RippleError:
+    """The error for a GGUF without ripple-gguf's index (never converted), naming the command that makes one."""
+    gguf_path = Path(gguf_path)
+    out = gguf_path.with_name(gguf_path.stem + "-ripple.gguf")
+    return RippleError(f"{gguf_path} is not a ripple-gguf conversion (no ripple index): "
+                       f"`ripple-gguf convert {gguf_path} -o {out}` makes one (and its pack); "
+                       "or pass --dense to run it on llama.cpp's stock path")
+
+
 def _has_ripple_index(gguf_path: Path) -> bool:
     """Does this GGUF carry ripple-gguf's neuron-group index (was it converted)? True where its header
     cannot be read: the pack's own checks then say what is wrong."""
@@ -423,10 +432,7 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
     fix = REBUILD.format(gguf=gguf_path)
     if not path.is_file():
         if not pack_path and not _has_ripple_index(gguf_path):
-            out = gguf_path.with_name(gguf_path.stem + "-ripple.gguf")
-            raise RippleError(f"{gguf_path} is not a ripple-gguf conversion (no ripple index, no pack): "
-                              f"`ripple-gguf convert {gguf_path} -o {out}` makes one (and its pack); "
-                              "or pass --dense to run it on llama.cpp's stock path")
+            raise not_converted(gguf_path)
         raise RippleError(f"no offload pack at {path}; {fix}")
     size = path.stat().st_size
     try:

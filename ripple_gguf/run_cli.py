@@ -140,16 +140,14 @@ def _n_ctx(args, default: int = 2048, needs: int = 0) -> int:
 
 
 def _fits_in_memory(args, n_ctx: int) -> bool:
-    """Do the GGUF's weights and a KV cache of n_ctx tokens fit in --memory-budget, else in the memory
-    available (True where that is unknown, or where --cache-size/--cache-ratio sized the cache alone)?"""
-    from .cgroup import available_memory
-    from .memory_budget import kv_cache_bytes
+    """memory_budget.model_fits for the command's budget (True where --cache-size/--cache-ratio sized
+    the cache alone)."""
+    from .memory_budget import model_fits
     from .runtime import parse_size
     if getattr(args, "cache_size", None) is not None or getattr(args, "cache_ratio", None) is not None:
         return True
     budget = getattr(args, "memory_budget", None)
-    avail = parse_size(budget) if budget is not None else available_memory()[0]
-    return avail is None or os.path.getsize(args.gguf) + kv_cache_bytes(args.gguf, n_ctx) <= avail
+    return model_fits(args.gguf, n_ctx, None if budget is None else parse_size(budget))
 
 
 def prepare(args) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import RippleError
 from .gguf_io import kv, open_header, read_ffn_layout
 from .index_keys import read_index
-from .pack import REBUILD, gguf_binding_sum, open_pack, pack_path_for, verify_records
+from .pack import REBUILD, gguf_binding_sum, not_converted, open_pack, pack_path_for, verify_records
 
 
 def verify(gguf_path: str | Path, pack_path: str | Path | None = None, log=None) -> dict:
@@ -22,7 +22,7 @@ def verify(gguf_path: str | Path, pack_path: str | Path | None = None, log=None)
     header = open_header(gguf_path)
     layout = read_ffn_layout(header)
     if read_index(header, layout.n_ff) is None:
-        raise RippleError(f"{gguf_path} has no ripple index (not converted); run `ripple-gguf convert` on it first")
+        raise not_converted(gguf_path)
     pack = open_pack(gguf_path, pack_path)  # header checksum, structure, SHA-256 binding, predictor checksums
     fix = REBUILD.format(gguf=gguf_path)
     from .gguf_header import GGUFHeader
