@@ -7,6 +7,8 @@ checksums or the binding cover, and `verify` refuses every covered damage. The c
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,7 @@ def test_fuzz_campaign(converted):
     sys.path.insert(0, str(ROOT / "tools"))
     import fuzz
     path = converted("tiny-llama-swiglu", "f16")
+    before = set(Path(tempfile.gettempdir()).glob("ripple-fuzz-*"))
     res = fuzz.campaign(path, cases=1000, seed=13, workers=2, timeout=120, log=lambda m: print(m, flush=True))
     c = res["counts"]
     print(f"fuzz: {res['cases']} cases (seed {res['seed']}) in {res['seconds']} s: {c}")
@@ -28,4 +31,6 @@ def test_fuzz_campaign(converted):
     assert sum(c.values()) == 1000
     for bad in ("crash", "traceback", "hang", "silent", "missed"):
         assert c.get(bad, 0) == 0, (bad, res["failures"][:5])
+    # the workers are killed at the end: their scratch copies (4 MiB each) used to stay in /tmp
+    assert set(Path(tempfile.gettempdir()).glob("ripple-fuzz-*")) == before
     assert c.get("refused", 0) > 300  # most damage is caught before or while running

@@ -284,27 +284,28 @@ class Worker:
         return {"i": case["i"], "status": status, "msg": msg, "seconds": round(time.perf_counter() - t, 3)}
 
 
-def worker_main(gguf: str) -> None:
+def worker_main(gguf: str, scratch: str) -> None:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # llama.cpp and friends write to fds 1/2: keep them off the protocol
     if not os.environ.get("FUZZ_VERBOSE"):
         os.dup2(devnull, 2)
-    with tempfile.TemporaryDirectory(prefix="ripple-fuzz-") as d:
-        w = Worker(Path(gguf), Path(d))
-        proto.write(json.dumps({"ready": True}) + "\n")
-        for line in sys.stdin:
-            proto.write(json.dumps(w.case(json.loads(line))) + "\n")
+    # the parent owns and removes the scratch directory: it kills workers (hangs, the campaign's end),
+    # so a directory of the worker's own would be left behind in /tmp every time
+    w = Worker(Path(gguf), Path(tempfile.mkdtemp(dir=scratch)))
+    proto.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        proto.write(json.dumps(w.case(json.loads(line))) + "\n")
 
 
 # --- the parent -------------------------------------------------------------------------------------
 
 class Proc:
-    def __init__(self, gguf: Path, threads: int):
+    def __init__(self, gguf: Path, threads: int, scratch: str):
         # the workers share the machine's cores: each capped to its share, or llama.cpp's spinning threads
         # (`pack` runs llama.cpp passes and torch) oversubscribe them and a case can take minutes
         env = {**os.environ, "RIPPLE_THREADS": str(threads)}
-        self.p = subprocess.Popen([sys.executable, __file__, "--worker", str(gguf)], stdin=subprocess.PIPE,
+        self.p = subprocess.Popen([sys.executable, __file__, "--worker", str(gguf), "--scratch", scratch], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, bufsize=1, cwd=ROOT, env=env)
         ready = self.read(600)
         if not ready or not ready.get("ready"):
@@ -325,6 +326,11 @@ class Proc:
 
 
 def campaign(gguf: Path, cases: int, seed: int, workers: int, timeout: float, log=print) -> dict:
+    with tempfile.TemporaryDirectory(prefix="ripple-fuzz-") as scratch:
+        return _campaign(gguf, cases, seed, workers, timeout, log, scratch)
+
+
+def _campaign(gguf: Path, cases: int, seed: int, workers: int, timeout: float, log, scratch: str) -> dict:
     from ripple_gguf.pack import pack_path_for
     maps = {"gguf": layout(gguf), "pack": layout(pack_path_for(gguf))}
     originals = {"gguf": gguf.read_bytes(), "pack": pack_path_for(gguf).read_bytes()}
@@ -335,7 +341,7 @@ def campaign(gguf: Path, cases: int, seed: int, workers: int, timeout: float, lo
     t0 = time.perf_counter()
     from ripple_gguf.cpus import usable_cpus
     threads = max(1, usable_cpus() // workers)
-    pool = [Proc(gguf, threads) for _ in range(workers)]
+    pool = [Proc(gguf, threads, scratch) for _ in range(workers)]
     done = 0
     while done < cases:
         for w in pool:
@@ -374,7 +380,7 @@ def campaign(gguf: Path, cases: int, seed: int, workers: int, timeout: float, lo
                 notes.append({**case, **res, "status": status})
             done += 1
             if res["status"] in ("crash", "hang"):
-                pool[i] = Proc(gguf, threads)
+                pool[i] = Proc(gguf, threads, scratch)
             else:
                 w.case = None
             if done % 100 == 0:
@@ -397,9 +403,10 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--scratch", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker_main(args.gguf)
+        worker_main(args.gguf, args.scratch)
         return 0
     res = campaign(Path(args.gguf), args.cases, args.seed, args.workers, args.timeout,
                    log=lambda m: print(m, file=sys.stderr, flush=True))
