@@ -260,10 +260,12 @@ def _describe_non_ffn(held: int | None, why: str, st: dict) -> str:
     """RippleLlama.ripple_non_ffn: "resident", "partly resident (...)" or "mapped (why)"."""
     if held is None or not st["mapped_weight_bytes"]:  # (a repacked weight is a copy in memory already)
         return "resident"
+    # a mapped output matrix beside a streamed FFN is read in chunks through its staging buffers
+    out = f"; the output matrix read in {st['output_chunks']} chunks" if st.get("output_chunks") else ""
     if st["pinned_weight_bytes"]:
         return (f"partly resident ({st['pinned_weight_bytes'] / 2**20:.1f} MiB held, "
-                f"{st['mapped_weight_bytes'] / 2**20:.1f} MiB mapped: {why})")
-    return f"mapped ({why})"
+                f"{st['mapped_weight_bytes'] / 2**20:.1f} MiB mapped: {why}{out})")
+    return f"mapped ({why}{out})"
 
 
 def _direct_by_default(split: dict | None) -> bool:
@@ -316,7 +318,9 @@ class RippleLlama(llama_cpp.Llama):
     ripple_stats()["reason"]); stock_when_dense=False keeps the pack and its predictors attached. On the
     runtime the non-FFN weights are held in memory where they fit next to the FFN cache, as many as fit
     where not all do, the largest tensors first, the rest mapped (resident_weights=True/False forces it
-    either way; a size holds that much).
+    either way; a size holds that much); a mapped output matrix beside a streamed FFN is multiplied in
+    chunks read through the FFN's staging buffers where the page cache does not hold it (stream_output:
+    1 that, 2 always read, 0 never; output_chunk_bytes: their largest size).
     A use_mmap= the caller passes decides it too (use_mmap=False: resident).
     Everything else (n_ctx, n_threads, chat_format, verbose, ...) goes to `llama_cpp.Llama`.
     """
@@ -329,7 +333,8 @@ class RippleLlama(llama_cpp.Llama):
                  merge_gap_bytes: int | None = None, threshold_offset: float | None = None,
                  warm_cache: bool | None = None, read_ahead: bool | None = None, quality=None,
                  stock_when_dense: bool = True, resident_weights: bool | int | str | None = None,
-                 stream_dense: bool | None = None, stream_prefill: int | None = None, **kwargs):
+                 stream_dense: bool | None = None, stream_prefill: int | None = None,
+                 stream_output: int | None = None, output_chunk_bytes: int | None = None, **kwargs):
         self.ripple_pack: Pack | None = None
         self.ripple_dense_reason: str | None = None
         self.ripple_point: dict | None = None
@@ -400,7 +405,8 @@ class RippleLlama(llama_cpp.Llama):
         # the library's defaults (include/llama-ripple.h), then what the caller gave, then what this split decided
         params = lib.llama_ripple_default_params()
         given_params = {"io_threads": io_threads, "t0_us": t0_us, "bw_mbps": bw_mbps, "merge_gap_bytes": merge_gap_bytes,
-                        "threshold_offset": threshold_offset, "warm_cache": warm_cache, "read_ahead": read_ahead}
+                        "threshold_offset": threshold_offset, "warm_cache": warm_cache, "read_ahead": read_ahead,
+                        "stream_output": stream_output, "output_chunk_bytes": output_chunk_bytes}
         for name, value in given_params.items():
             if value is not None:
                 setattr(params, name, type(getattr(params, name))(value))

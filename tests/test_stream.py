@@ -1,8 +1,8 @@
 """The streamed dense FFN (operating points that compute every neuron; llama-ripple-stream.cpp).
 
 What is checked: llama.cpp's own dense FFN over the GGUF's own tensors, read into memory or streamed
-layer by layer (one layer ahead or not, O_DIRECT or not, an even or odd number of streamed layers), is
-bit-identical to the stock path for prompt batches and token by token (F16; Q4_0 within rounding:
+layer by layer (one layer ahead or not, O_DIRECT or not, an even or odd number of streamed layers), with
+a mapped output matrix read in chunks or not, is bit-identical to the stock path for prompt batches and token by token (F16; Q4_0 within rounding:
 stock repacks it for other kernels); it reads only the GGUF's FFN
 tensors; the defaults choose it at a dense point; a budget below two layers and a failing read are
 clear errors.
@@ -35,6 +35,18 @@ def ffn_ranges(path) -> list[tuple[int, int]]:
         if t.name.startswith("blk.") and t.name.split(".")[2] in ("ffn_gate", "ffn_up", "ffn_down"):
             out.append((int(t.data_offset) // 4096 * 4096, -(-(int(t.data_offset) + int(t.n_bytes)) // 4096) * 4096))
     return out
+
+
+def within(trace, ranges) -> bool:
+    """Is every read (offset, length) inside the ranges, merged where they touch (a streamed layer's
+    tensors are read as one range), up to the 4 KiB page past the end?"""
+    merged = []
+    for a, b in sorted(ranges):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return all(any(a <= off and off + n <= b + 4096 for a, b in merged) for off, n in trace)
 
 
 def layer_bytes(path) -> int:
@@ -73,8 +85,7 @@ def test_streamed_dense_is_bit_identical_to_stock(packed, model, outtype):
             else:  # stock runs Q4_0 on ggml's repacked (interleaved) kernels, ours on the plain ones
                 assert np.abs(g - r).max() <= REPACK_TOL * np.abs(r).max(), what
                 assert (g.argmax(1) == r.argmax(1)).mean() >= 0.99, what
-        ranges = ffn_ranges(path)
-        assert all(any(a <= off and off + n <= b + 4096 for a, b in ranges) for off, n in trace), what
+        assert within(trace, ffn_ranges(path)), what
         if resident < 4:
             assert st["bytes_read"] >= st["useful_bytes"] > 0 and st["cache_misses"] > 0, what
             assert (st["ahead_used"] > 0) == ahead, what
@@ -96,6 +107,53 @@ def test_defaults_stream_a_dense_point(packed):
     dense.close()
     assert st["stream_dense"] and st["resident_layers"] == 0 and st["bytes_read"] > 0
     assert out == ref
+
+
+def output_range(path) -> tuple[int, int]:
+    """[start, end) of the matrix the output multiplies by (token_embd where tied), widened to 4 KiB pages."""
+    ts = {t.name: t for t in open_header(str(path)).tensors}
+    t = ts.get("output.weight") or ts["token_embd.weight"]
+    return int(t.data_offset) // 4096 * 4096, -(-(int(t.data_offset) + int(t.n_bytes)) // 4096) * 4096
+
+
+@pytest.mark.parametrize("model", FIXTURES)
+def test_a_mapped_output_matrix_is_read_in_chunks_and_computes_the_same(packed, model):
+    """Beside a streamed FFN, an output matrix left mapped (it did not fit) is multiplied in row chunks
+    read whole through the staging buffers (each read after the one before, or one ahead; more chunks than
+    one gather op takes): the logits are the stock path's, bit for bit, for prompt batches and token by
+    token, and every byte read is the FFN's or the output matrix's. Where the page cache holds the matrix
+    (nothing evicts it here) nothing of it is read; stream_output=0 leaves it to the page cache."""
+    path = packed(model, "f16")
+    dense = RippleLlama(path, dense=True, logits_all=True, **KW)
+    ps = prompts(dense, n=2, length=40)
+    ref = (all_logits(dense, ps), chunked_logits(dense, ps, 1), chunked_logits(dense, ps, 5))
+    dense.close()
+    _, minimum = stream_layout(str(path))
+    ranges = ffn_ranges(path) + [output_range(path)]
+    cases = [  # (stream_output, chunk bytes, read ahead, O_DIRECT)
+        (2, 16384, True, True), (2, 16384, False, False), (2, 0, True, True), (1, 16384, True, True), (0, 0, True, True)]
+    for mode, chunk, ahead, direct in cases:
+        llm = RippleLlama(path, stream_dense=True, cache_size=minimum, resident_weights=False, stream_output=mode,
+                          output_chunk_bytes=chunk, read_ahead=ahead, direct_io=direct, logits_all=True, **KW)
+        llm.ripple_trace(True)
+        got = (all_logits(llm, ps), chunked_logits(llm, ps, 1), chunked_logits(llm, ps, 5))
+        st, trace, non_ffn = llm.ripple_stats(), llm.ripple_trace(False), llm.ripple_non_ffn
+        llm.close()
+        what = f"{model} stream_output {mode} chunk {chunk} ahead {ahead} direct {direct}"
+        assert not st["error"] and st["stream_dense"] and st["mapped_weight_bytes"] > 0, what
+        for r, g in zip(ref, got):
+            np.testing.assert_array_equal(g, r, err_msg=what)
+        assert within(trace, ranges), what
+        if mode == 0:
+            assert st["output_chunks"] == 0 and "output matrix" not in non_ffn, what
+            continue
+        assert (st["output_chunks"] > 9) == (chunk == 16384) and f"read in {st['output_chunks']} chunks" in non_ffn, what
+        out_a, out_b = output_range(path)
+        out_reads = sum(n for off, n in trace if out_a <= off < out_b)
+        if mode == 2:  # every chunk of every batch (the tests evaluate many)
+            assert st["output_chunks_read"] >= 10 * st["output_chunks"] and out_reads >= 10 * (out_b - out_a) - 4096, what
+        else:
+            assert st["output_chunks_read"] == 0 and out_reads == 0, what
 
 
 def test_budget_below_two_streamed_layers_is_refused_with_the_minimum(packed):

@@ -77,7 +77,7 @@ def _load(a: dict, n_ctx: int, **kw):
         return llama_cpp.Llama(a["gguf"], **kw)
     return RippleLlama(a["gguf"], cache_size=a.get("cache_budget"), t0_us=a.get("t0_us"), bw_mbps=a.get("bw_mbps"),
                        direct_io=bool(a.get("direct_io")), resident_weights=a.get("resident_weights"),
-                       read_ahead=a.get("read_ahead", True), **kw)
+                       read_ahead=a.get("read_ahead", True), stream_output=a.get("stream_output"), **kw)
 
 
 def _measure(a: dict, text: str) -> dict:
