@@ -156,6 +156,23 @@ def test_a_mapped_output_matrix_is_read_in_chunks_and_computes_the_same(packed, 
             assert st["output_chunks_read"] == 0 and out_reads == 0, what
 
 
+def test_a_prompt_reads_the_output_matrix_once_not_once_per_batch(packed):
+    """A prompt runs in llama.cpp batches (n_ubatch), and only its last token's logits are needed: the
+    batches before have no outputs, and the chunked output matrix must not be read for them (a 512-token
+    prompt in the tight split's 64-token batches would read it 8 times)."""
+    path = packed("tiny-llama-swiglu", "f16")
+    _, minimum = stream_layout(str(path))
+    llm = RippleLlama(path, stream_dense=True, cache_size=minimum, resident_weights=False, stream_output=2,
+                      output_chunk_bytes=16384, n_batch=64, n_ubatch=8, **KW)
+    toks = prompts(llm, n=1, length=40)[0]
+    llm.ripple_reset_stats()
+    llm.eval(toks)  # 5 batches of 8 tokens
+    st = llm.ripple_stats()
+    llm.close()
+    assert len(toks) == 40 and st["tokens"] == 40 and not st["error"]
+    assert st["output_chunks"] > 9 and st["output_chunks_read"] == st["output_chunks"]
+
+
 def test_budget_below_two_streamed_layers_is_refused_with_the_minimum(packed):
     path = packed("tiny-llama-swiglu", "f16")
     _, minimum = stream_layout(str(path))
