@@ -113,21 +113,32 @@ def _stat_value(text: str | None, *keys: str) -> int:
     return 0
 
 
+def _reclaimable_file_cache(stat: str | None, v2: bool) -> int:
+    """File cache a memory cgroup charges but could drop: its file pages on both LRU lists (a file
+    read twice is "active": a previous run's model in the same cgroup is) less those mapped by a
+    process (in use; ours are not mapped yet). Counting inactive pages alone made a second run in
+    the same cgroup see ~20 MiB less (SmolLM2 at 90 MiB: the runtime at 16.8 tok/s, then stock at 3.7)."""
+    p = "" if v2 else "total_"
+    inactive = _stat_value(stat, f"{p}inactive_file")
+    files = inactive + _stat_value(stat, f"{p}active_file")
+    mapped = _stat_value(stat, "file_mapped" if v2 else "total_mapped_file")
+    return max(inactive, files - mapped)
+
+
 def available_memory() -> tuple[int | None, str]:
     """Bytes this process may still use and where that figure comes from: the tightest of
     MemAvailable and, for every memory cgroup from this process's up to the root, its limit minus
-    its usage plus the file cache it could drop (inactive files). (None, why) if nothing is known."""
+    its usage plus the file cache it could drop. (None, why) if nothing is known."""
     best, where = _meminfo_available(), "MemAvailable"
     for version, d in own_dirs("memory"):
+        stat = read_text(os.path.join(d, "memory.stat"))
         if version == "v2":
             limit, usage = read_text(os.path.join(d, "memory.max")), read_text(os.path.join(d, "memory.current"))
-            inactive = _stat_value(read_text(os.path.join(d, "memory.stat")), "inactive_file")
         else:
             limit, usage = read_text(os.path.join(d, "memory.limit_in_bytes")), read_text(os.path.join(d, "memory.usage_in_bytes"))
-            inactive = _stat_value(read_text(os.path.join(d, "memory.stat")), "total_inactive_file", "inactive_file")
         lim = (limit or "").strip()
         if lim.isdigit() and int(lim) < 2**60 and (usage or "").strip().isdigit():
-            free = int(lim) - int(usage) + inactive
+            free = int(lim) - int(usage) + _reclaimable_file_cache(stat, version == "v2")
             if best is None or free < best:
                 best, where = max(free, 0), f"memory cgroup {d} (limit {int(lim)} bytes)"
     return best, where
