@@ -113,19 +113,21 @@ def choose(points: list[OperatingPoint], budget: float) -> int:
 
 
 def parse_budget(text) -> float:
-    """'2%', '0.02' or 2 (percent when > 1) -> 0.02."""
+    """'2%', '0.02' or 2 (a bare number of 1 or more is percent: `--quality 1` means 1%, not +100%
+    perplexity, the sparsest point) -> 0.02; refused outside 0%..100%."""
+    percent = not isinstance(text, (int, float)) and str(text).strip().endswith("%")
     if isinstance(text, (int, float)):
         v = float(text)
     else:
         s = str(text).strip()
         try:
-            v = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+            v = float(s[:-1]) if percent else float(s)
         except ValueError:
             raise RippleError(f"perplexity budget {text!r} is not a number; use e.g. 2% or 0.02") from None
-    if v > 1 and not str(text).strip().endswith("%"):
+    if percent or v >= 1:
         v /= 100
-    if not (0 <= v < 10) or math.isnan(v):
-        raise RippleError(f"perplexity budget {text!r} out of range; use e.g. 2% (0% = dense)")
+    if not (0 <= v <= 1) or math.isnan(v):
+        raise RippleError(f"perplexity budget {text!r} is out of range; use e.g. 2% (0% = dense, 100% at most)")
     return v
 
 

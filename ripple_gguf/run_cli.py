@@ -200,6 +200,8 @@ def cmd_run(args) -> dict:
     rss_before = reset_peak_rss()
     llm = load(args, prep)
     prompt = llm.tokenize(args.prompt.encode(), add_bos=True, special=True)
+    if not prompt:  # (a model without a BOS token and an empty -p: llama.cpp has nothing to continue)
+        raise RippleError("the prompt is empty and this model adds no start token; pass some text with -p")
     if len(prompt) + args.n > llm.n_ctx():
         raise RippleError(f"prompt ({len(prompt)} tokens) + -n {args.n} exceeds the context of {llm.n_ctx()}; "
                           "raise --ctx or lower -n")

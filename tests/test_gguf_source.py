@@ -222,3 +222,11 @@ def test_running_an_unconverted_gguf_says_to_convert_it(smollm2):
     assert "is not a ripple-gguf conversion" in proc.stderr and f"ripple-gguf convert {src}" in proc.stderr
     assert "--dense" in proc.stderr
     assert run_cli("run", src, "-p", "x", "-n", "2", "--dense").returncode == 0
+
+
+def test_an_empty_prompt_is_a_clear_error(smollm2):
+    """SmolLM2 adds no start token, so `-p ""` leaves llama.cpp nothing to continue: one `error:` line,
+    not llama-cpp-python's AssertionError traceback (found by a walkthrough)."""
+    proc = run_cli("run", smollm2["q4_1"], "-p", "", "-n", "2", "--dense")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: the prompt is empty and this model adds no start token; pass some text with -p"], proc.stderr

@@ -47,6 +47,12 @@ def test_budget_choice_is_conservative_against_noise():
     assert quality.choose(pts, 0.03 * half) == 3
     assert quality.choose(pts, 0.0) == 0
     assert quality.parse_budget("2%") == pytest.approx(0.02) == quality.parse_budget("0.02")
+    # a bare 1 or more is percent (`--quality 1` meant +100%: the sparsest point, silently); > 100% refused
+    assert quality.parse_budget("1") == pytest.approx(0.01) == quality.parse_budget(1)
+    assert quality.parse_budget("0") == 0.0 == quality.parse_budget("0%")
+    for bad in ("150%", "-1%", "101", "nan"):
+        with pytest.raises(RippleError, match="out of range"):
+            quality.parse_budget(bad)
     with pytest.raises(RippleError):
         quality.parse_budget("lots")
 
