@@ -194,14 +194,15 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, log=print, file: st
                             {k: np.array(v) for k, v in evals.items()}, source=source.label,
                             down_source_type=np.array([int(t) for t in layout.types["down"]]),
                             down_rel_rms=np.array([d.rel_rms for d in downs] if downs else [0.0] * layout.n_layer))
-        written = tmp / "indexed.gguf"
+        # named as the output will be: the pack's binding records this name, and a mismatch error quotes it
+        written = tmp / (f"unquantized-{out.name}" if quantize_to else out.name)
         total = sum(int(t.n_bytes) for t in header.tensors)
         with stages("write GGUF"), tqdm(total=total, desc="writing GGUF", unit="B", unit_scale=True, leave=False) as bar:
             write_converted(header, written, index.to_kv(), downs, progress=bar.update)
         del downs
         final = written
         if quantize_to:
-            final = tmp / "quantized.gguf"
+            final = tmp / out.name
             with stages(f"llama.cpp quantizer ({quantize_to})"):
                 quantize_gguf(written, final, quantize_to, allow_requantize=from_gguf)
             written.unlink()

@@ -130,6 +130,10 @@ def test_a_qwen2_checkpoint_converts_and_runs(tmp_path):
     out = tmp_path / "qwen2.gguf"
     run_cli("convert", ckpt, "-o", out, "--outtype", "f16", "--calib", CALIB, check=True)
     assert GGUFReader(out).fields["general.architecture"].contents() == "qwen2"
+    # the pack names the GGUF it belongs to by the output's name, not convert's temporary one (a pack
+    # moved beside another GGUF is refused quoting it)
+    from ripple_gguf.pack import pack_path_for
+    assert GGUFReader(pack_path_for(out)).fields["ripple.pack.gguf_name"].contents() == out.name
     want = greedy_tokens(out, n=24)
     kw = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
     for held in (True, False):
