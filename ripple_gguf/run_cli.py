@@ -309,7 +309,9 @@ def print_mode_note(args, llm, out) -> None:
     if getattr(args, "ctx_note", None):
         print(args.ctx_note, file=out)
     if llm.ripple_point:
-        print(point_line(llm.ripple_point), file=out)
+        stock = llm.ripple_dense_reason and not args.dense  # (its perplexity increase does not apply)
+        print(point_line(llm.ripple_point) + ("; not in use: the stock path computes every neuron" if stock else ""),
+              file=out)
     if llm.ripple_dense_reason and not args.dense:
         print(f"stock path: {llm.ripple_dense_reason}", file=out)
     if llm.ripple_non_ffn:

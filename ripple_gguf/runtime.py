@@ -526,8 +526,8 @@ class RippleLlama(llama_cpp.Llama):
                 f"neither the model nor the runtime's fixed memory fit in {where}")
         what = "computes every neuron" if density >= 1.0 else f"computes {100 * density:.0f}% of the neurons"
         return self._load_stock(model_path, kwargs, pack, point, (
-            f"operating point {point} {what} and {fits}: llama.cpp's stock path (pass --memory-budget or a "
-            "sparser --quality to use the pack)"))
+            f"operating point {point} {what} and {fits}: llama.cpp's stock path, which computes every neuron "
+            "(pass --memory-budget to run this point on the pack)"))
 
     def _load_stock(self, model_path: str, kwargs, pack: Pack, point: int, reason: str) -> bool:
         """Load the GGUF on llama.cpp's stock path at `point` (what ripple_stats reports), saying why."""
