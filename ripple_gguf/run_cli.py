@@ -340,6 +340,7 @@ def cmd_chat(args) -> dict:
     llm = load(args, prepare(args), chat_format=args.chat_format)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
+    shown = sys.stderr if args.json else sys.stdout  # with --json, stdout is the one JSON object
     if interactive:
         print("chat with the model; /stats for runtime counters, /reset to start over, /exit or Ctrl-D to quit",
               file=sys.stderr)
@@ -369,13 +370,13 @@ def cmd_chat(args) -> dict:
                 delta = chunk["choices"][0]["delta"].get("content")
                 if delta:
                     reply.append(delta)
-                    sys.stdout.write(delta)
-                    sys.stdout.flush()
+                    shown.write(delta)
+                    shown.flush()
         except ValueError as e:
             if "context" in str(e).lower():
                 raise RippleError("the conversation no longer fits the context; /reset or raise --ctx") from None
             raise
-        print()
+        print(file=shown)
         messages.append({"role": "assistant", "content": "".join(reply)})
     st = llm.ripple_stats()
     if not args.json and st.get("mode") == "sparse":

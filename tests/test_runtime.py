@@ -571,6 +571,13 @@ def test_chat_cli_streams_replies(packed):
                           input="def add(a, b):\n/stats\n/exit\n", capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert '"tokens"' in proc.stderr  # /stats
+    # --json: stdout is one JSON object (the replies streamed to stderr instead: they were mixed in)
+    proc = subprocess.run([sys.executable, "-m", "ripple_gguf.cli", "chat", str(path), "-n", "8", "--cache-ratio", "1",
+                           "--json"], input="def add(a, b):\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert [m["role"] for m in r["messages"]] == ["user", "assistant"] and r["messages"][1]["content"]
+    assert r["messages"][1]["content"].strip() in proc.stderr
 
 
 def free_port() -> int:
