@@ -87,8 +87,14 @@ def _cmd_verify(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ripple-gguf", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    from . import __version__
+    p = argparse.ArgumentParser(prog="ripple-gguf", description=(
+        "Run GGUF models that do not fit in memory: convert a GGUF (or a Hugging Face checkpoint) into one that "
+        "every GGUF tool still runs unchanged, plus an offload pack of co-activation-ordered FFN neurons and "
+        "predictors; then run, chat, evaluate or serve it within a memory budget."),
+        epilog="e.g.  ripple-gguf convert model.gguf -o out/model.gguf  &&  ripple-gguf run out/model.gguf -p Hello")
+    p.add_argument("--version", action="version", version=f"ripple-gguf {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     c = sub.add_parser("convert", help="GGUF or HF checkpoint -> GGUF with co-activation neuron placement")
     c.add_argument("src", help="a .gguf file (any llama.cpp types, kept), an HF checkpoint directory, a hub "
@@ -155,7 +161,11 @@ def one_line(msg: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):  # no subcommand: what there is to do, not an error
+        parser.print_help()
+        return 0
     from .interrupt import install
     install()
     try:

@@ -156,6 +156,10 @@ def prepare(args) -> dict:
     both files' headers, a transient cost reported separately as verify_peak_rss_bytes."""
     if not os.path.isfile(args.gguf):
         raise RippleError(f"{args.gguf}: no such file; pass a converted .gguf")
+    if args.threads is not None and args.threads < 1:
+        raise RippleError(f"--threads {args.threads}: pass 1 or more (or leave it out for llama-cpp-python's default)")
+    if getattr(args, "chunks", None) is not None and args.chunks < 1:
+        raise RippleError(f"--chunks {args.chunks}: pass 1 or more (or leave it out to score the whole text)")
     from .runtime import verified_pack
     reset_peak_rss()
     # `run` needs its prompt's tokens (at most one per byte, plus special ones) and -n
@@ -318,8 +322,10 @@ def print_mode_note(args, llm, out) -> None:
         print(f"non-FFN weights: {llm.ripple_non_ffn}", file=out)
     if llm.ripple_streamed:
         st = llm.ripple_stats()
-        print(f"FFN: every neuron, llama.cpp's kernels over the GGUF's own FFN tensors: {st['resident_layers']} of "
-              f"{llm.ripple_pack.n_layer} layers in memory, the rest streamed whole, one layer ahead", file=out)
+        held, n_layer = st["resident_layers"], llm.ripple_pack.n_layer
+        where = "all in memory" if held >= n_layer else \
+            f"{held} of {n_layer} layers in memory, the rest streamed whole, one layer ahead"
+        print(f"FFN: every neuron, llama.cpp's kernels over the GGUF's own FFN tensors: {where}", file=out)
 
 
 def point_line(pt: dict) -> str:
@@ -429,7 +435,7 @@ def register(sub) -> None:
                         "the oracle (top-d by |h| per token) and the gate-only rule (top-d by |silu(gate)|)")
     _add_runtime_args(e, generation=False)
     e.add_argument("--text", required=True, metavar="FILE", help="text not used for calibration")
-    e.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
+    e.add_argument("--chunks", type=int, default=None, help="score at most this many chunks (default: the whole text)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 

@@ -565,6 +565,19 @@ def test_run_cli_json(packed):
     assert dense["mode"] == "dense"
 
 
+def test_cli_basics_a_new_user_hits(packed):
+    """No command prints the help (was an argparse error), --version answers, and a thread or chunk
+    count below 1 is one `error:` line (--threads 0 ran, --chunks 0 scored everything)."""
+    path = packed("tiny-llama-swiglu", "f32")
+    proc = run_cli()
+    assert proc.returncode == 0 and "usage: ripple-gguf" in proc.stdout and "convert" in proc.stdout
+    assert run_cli("--version", check=True).stdout.startswith("ripple-gguf ")
+    for args in (("run", path, "-p", "x", "--threads", "0"), ("eval", path, "--text", HELDOUT, "--chunks", "0")):
+        proc = run_cli(*args)
+        assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "pass 1 or more" in proc.stderr, args
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_chat_cli_streams_replies(packed):
     path = packed("tiny-llama-swiglu", "f32")
     proc = subprocess.run([sys.executable, "-m", "ripple_gguf.cli", "chat", str(path), "-n", "8", "--cache-ratio", "1"],
