@@ -189,6 +189,12 @@ def format_report(info: dict) -> str:
         lines += [f"      {op['density']:.3f}: {100 * op['ppl_increase']:+.2f}%"
                   + (f"  <- default (budget {100 * pk['max_ppl_increase']:g}%)" if i == pk["default_point"] else "")
                   for i, op in enumerate(pk["operating_points"])]
+        if pk["operating_points"][pk["default_point"]]["density"] >= 1.0:
+            # its thresholds select every neuron: a per-layer table would only say "predicts 1.000" 30 times
+            lines.append("    predictor: not used at the default point, which computes every neuron (this model showed "
+                         "no sparsity within the budget); `run --quality PCT` picks a sparser point (per-layer figures "
+                         "in --json)")
+            return "\n".join(lines)
         for name, ev in [("validation tokens", {**pk["validation"], "tokens": pk["validation_tokens"]})] + (
                 [(pk["on_text"]["text"], pk["on_text"])] if "on_text" in pk else []):
             lines.append(f"    predictor per layer on {name} ({ev['tokens']} tokens): mass recall / recall / precision / predicted vs true density")
