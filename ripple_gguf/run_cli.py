@@ -249,7 +249,8 @@ def cmd_run(args) -> dict:
             line += (f"; per token: {g['reads_per_token']:.1f} reads, {g['bytes_per_token'] / 1024:.1f} KiB; "
                      f"cache hit rate {100 * (g['cache_hit_rate'] or 0):.1f}%, predicted density "
                      f"{100 * (g['predicted_density'] or 0):.1f}%")
-        line += f"; peak RSS {result['memory']['peak_rss_bytes'] / 2**20:.1f} MiB"
+        # (RSS counts the mapped model and shared libraries, page cache a memory limit may charge elsewhere)
+        line += f"; peak RSS {result['memory']['peak_rss_bytes'] / 2**20:.1f} MiB (mapped files included)"
         print(line, file=sys.stderr)
         print_mode_note(args, llm, sys.stderr)
         if args.verbose and llm.ripple_budget_split:
