@@ -140,7 +140,8 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
     split["mapped_fits"] = mapped_pack_fits(split)
     if left < minimum and total is not None and not split["mapped_fits"]:
         need = mapped_pack_need(split)
-        raise RippleError(f"memory budget {total / MIB:.0f} MiB cannot hold what the runtime cannot give back "
+        given = f"{total / MIB:.0f} MiB" if total >= MIB else f"{total} bytes"
+        raise RippleError(f"memory budget {given} cannot hold what the runtime cannot give back "
                           f"(KV cache {kv_bytes / MIB:.0f} MiB for {n_ctx} tokens, compute and runtime "
                           f"{(compute + RUNTIME_MAPPED + predictor_bytes) / MIB:.0f} MiB, one layer of neuron cache "
                           f"{minimum / MIB:.1f} MiB, a 10% margin), even with the non-FFN weights "

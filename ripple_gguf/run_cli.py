@@ -150,6 +150,17 @@ def _fits_in_memory(args, n_ctx: int) -> bool:
     return model_fits(args.gguf, n_ctx, None if budget is None else parse_size(budget))
 
 
+def _warn_budget_above_available(text: str) -> None:
+    """A --memory-budget larger than the memory there is splits memory that does not exist: say so."""
+    from .cgroup import available_memory
+    from .runtime import parse_size
+    total = parse_size(text)
+    avail, source = available_memory()
+    if avail is not None and total > avail:
+        print(f"warning: --memory-budget {text} is more than the {avail / 2**20:.0f} MiB available ({source}): "
+              "the split assumes memory this machine does not have", file=sys.stderr)
+
+
 def prepare(args) -> dict:
     """Everything checked before the model loads: the file, the context size and (unless --dense)
     the pack verified against the GGUF. Done before the peak-RSS window opens: verification parses
@@ -160,6 +171,8 @@ def prepare(args) -> dict:
         raise RippleError(f"--threads {args.threads}: pass 1 or more (or leave it out for llama-cpp-python's default)")
     if getattr(args, "chunks", None) is not None and args.chunks < 1:
         raise RippleError(f"--chunks {args.chunks}: pass 1 or more (or leave it out to score the whole text)")
+    if getattr(args, "memory_budget", None) and not args.dense:
+        _warn_budget_above_available(args.memory_budget)
     from .runtime import verified_pack
     reset_peak_rss()
     # `run` needs its prompt's tokens (at most one per byte, plus special ones) and -n

@@ -566,12 +566,15 @@ def test_run_cli_json(packed):
 
 
 def test_cli_basics_a_new_user_hits(packed):
-    """No command prints the help (was an argparse error), --version answers, and a thread or chunk
-    count below 1 is one `error:` line (--threads 0 ran, --chunks 0 scored everything)."""
+    """No command prints the help (was an argparse error), --version answers, a --memory-budget larger
+    than the machine is a warning, and a thread or chunk count below 1 is one `error:` line (--threads 0
+    ran, --chunks 0 scored everything)."""
     path = packed("tiny-llama-swiglu", "f32")
     proc = run_cli()
     assert proc.returncode == 0 and "usage: ripple-gguf" in proc.stdout and "convert" in proc.stdout
     assert run_cli("--version", check=True).stdout.startswith("ripple-gguf ")
+    proc = run_cli("run", path, "-p", "x", "-n", "2", "--memory-budget", "1000TiB")  # runs, but says so
+    assert proc.returncode == 0 and "warning: --memory-budget 1000TiB is more than the" in proc.stderr, proc.stderr
     for args in (("run", path, "-p", "x", "--threads", "0"), ("eval", path, "--text", HELDOUT, "--chunks", "0")):
         proc = run_cli(*args)
         assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "pass 1 or more" in proc.stderr, args
