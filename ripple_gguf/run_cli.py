@@ -91,7 +91,8 @@ def _add_runtime_args(p, generation: bool = True) -> None:
                    help="merge gaps up to this many bytes into one read (default: t0 x bandwidth)")
     p.add_argument("--quality", metavar="PCT", default=None,
                    help="operating point: the sparsest one the pack stores within this perplexity increase on "
-                        "calibration text, e.g. 1%% (0%% = every neuron); default: the pack's (chosen at convert)")
+                        "calibration text, e.g. 1%% (a bare 1 is 1%% too; 0%% = every neuron); default: the pack's "
+                        "(chosen at convert)")
     p.add_argument("--threshold-offset", type=float, default=None, metavar="LOGIT",
                    help=f"added to the pack's predictor thresholds: < 0 computes more neurons ({default('threshold_offset', '{:g}')})")
     p.add_argument("--seed", type=int, default=0)
