@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-density", type=float, default=0.3,
                    help="SwiGLU-style FFNs: share of neurons counted active (default 0.3)")
     c.add_argument("--ctx", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="seed of the self-generated calibration text (default 0)")
     c.add_argument("--no-pack", action="store_true", help="do not write the OUT.ripple offload pack")
     c.add_argument("--max-ppl-increase", type=parse_budget, default=DEFAULT_BUDGET, metavar="PCT",
                    help="perplexity the default operating point may add on calibration text, e.g. 2%% (default); "
@@ -126,29 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_convert)
 
     k = sub.add_parser("pack", help="(re)build OUT.ripple (neuron bundles + predictors) for a converted GGUF")
-    k.add_argument("gguf")
+    k.add_argument("gguf", help="a converted .gguf; its pack is written next to it (OUT.ripple)")
     k.add_argument("--calib", action="append", metavar="FILE",
                    help="calibration text (repeatable); default: text the model generates itself")
     k.add_argument("--calib-tokens", type=int, default=16384, help="tokens recorded (default 16384)")
     k.add_argument("--max-ppl-increase", type=parse_budget, default=DEFAULT_BUDGET, metavar="PCT",
                    help="perplexity budget of the default operating point (default 2%%)")
     k.add_argument("--rank", type=int, default=None, help="predictor width (default: within 5%% of FFN bytes)")
-    k.add_argument("--ctx", type=int, default=512)
-    k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--json", action="store_true")
+    k.add_argument("--ctx", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    k.add_argument("--seed", type=int, default=0, help="seed of the self-generated calibration text (default 0)")
+    k.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     k.set_defaults(func=_cmd_pack)
 
     i = sub.add_parser("inspect", help="describe a converted GGUF and its reads per token")
-    i.add_argument("gguf")
+    i.add_argument("gguf", help="a .gguf (converted or not)")
     i.add_argument("--text", action="append", metavar="FILE",
                    help="also measure reads/token on this text through llama.cpp (repeatable)")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print everything as one JSON object on stdout")
     i.set_defaults(func=_cmd_inspect)
 
     v = sub.add_parser("verify", help="check a converted GGUF and its pack in full: headers, binding, every checksum")
-    v.add_argument("gguf")
+    v.add_argument("gguf", help="a converted .gguf; its pack is found next to it")
     v.add_argument("--pack", metavar="FILE", help="pack path (default: OUT.ripple next to the GGUF)")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     v.set_defaults(func=_cmd_verify)
     from .run_cli import register; register(sub)
     from .bench import cli as bench_cli; bench_cli.register(sub)

@@ -95,7 +95,7 @@ def _add_runtime_args(p, generation: bool = True) -> None:
                         "(chosen at convert)")
     p.add_argument("--threshold-offset", type=float, default=None, metavar="LOGIT",
                    help=f"added to the pack's predictor thresholds: < 0 computes more neurons ({default('threshold_offset', '{:g}')})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     if generation:
         p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
@@ -269,7 +269,9 @@ def cmd_run(args) -> dict:
         print_mode_note(args, llm, sys.stderr)
         if args.verbose and llm.ripple_budget_split:
             from .memory_budget import describe
-            print(describe(llm.ripple_budget_split), file=sys.stderr)
+            stock = " (the split the runtime would have made: the stock path above ran instead)" \
+                if llm.ripple_dense_reason else ""
+            print(describe(llm.ripple_budget_split) + stock, file=sys.stderr)
     llm.close()
     return result
 
@@ -431,7 +433,7 @@ def register(sub) -> None:
     """Add run / chat / eval / serve to the `ripple-gguf` subparsers."""
     r = sub.add_parser("run", help="generate text with the sparse flash-offload runtime")
     _add_runtime_args(r)
-    r.add_argument("-p", "--prompt", required=True)
+    r.add_argument("-p", "--prompt", required=True, help="the text to continue")
     r.add_argument("-n", type=int, default=64, help="tokens to generate (default 64)")
     r.add_argument("--json", action="store_true", help="print text, token ids and runtime stats as JSON")
     r.set_defaults(func=cmd_run)
@@ -451,13 +453,13 @@ def register(sub) -> None:
     _add_runtime_args(e, generation=False)
     e.add_argument("--text", required=True, metavar="FILE", help="text not used for calibration")
     e.add_argument("--chunks", type=int, default=None, help="score at most this many chunks (default: the whole text)")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (llama-cpp-python's) on the sparse runtime")
     _add_runtime_args(s)
     s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--alias", default=None, help="model name clients use (default: the file name)")
     s.add_argument("--api-key", default=os.environ.get("RIPPLE_API_KEY"),
                    help="require this bearer token on every route (default: $RIPPLE_API_KEY; none)")
