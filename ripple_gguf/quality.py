@@ -115,15 +115,12 @@ def choose(points: list[OperatingPoint], budget: float) -> int:
 def parse_budget(text) -> float:
     """'2%', '0.02' or 2 (a bare number of 1 or more is percent: `--quality 1` means 1%, not +100%
     perplexity, the sparsest point) -> 0.02; refused outside 0%..100%."""
-    percent = not isinstance(text, (int, float)) and str(text).strip().endswith("%")
-    if isinstance(text, (int, float)):
-        v = float(text)
-    else:
-        s = str(text).strip()
-        try:
-            v = float(s[:-1]) if percent else float(s)
-        except ValueError:
-            raise RippleError(f"perplexity budget {text!r} is not a number; use e.g. 2% or 0.02") from None
+    s = str(text).strip()
+    percent = s.endswith("%")
+    try:
+        v = float(s[:-1] if percent else s)
+    except ValueError:
+        raise RippleError(f"perplexity budget {text!r} is not a number; use e.g. 2% or 0.02") from None
     if percent or v >= 1:
         v /= 100
     if not (0 <= v <= 1) or math.isnan(v):

@@ -28,13 +28,15 @@ KW = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
 REPACK_TOL = 5e-3
 
 
+def pages(t) -> tuple[int, int]:
+    """[start, end) of a GGUF tensor's bytes in the file, widened to 4 KiB pages."""
+    return int(t.data_offset) // 4096 * 4096, -(-(int(t.data_offset) + int(t.n_bytes)) // 4096) * 4096
+
+
 def ffn_ranges(path) -> list[tuple[int, int]]:
-    """[start, end) of every FFN weight tensor in the GGUF, widened to 4 KiB pages."""
-    out = []
-    for t in open_header(str(path)).tensors:
-        if t.name.startswith("blk.") and t.name.split(".")[2] in ("ffn_gate", "ffn_up", "ffn_down"):
-            out.append((int(t.data_offset) // 4096 * 4096, -(-(int(t.data_offset) + int(t.n_bytes)) // 4096) * 4096))
-    return out
+    """The pages of every FFN weight tensor in the GGUF."""
+    return [pages(t) for t in open_header(str(path)).tensors
+            if t.name.startswith("blk.") and t.name.split(".")[2] in ("ffn_gate", "ffn_up", "ffn_down")]
 
 
 def within(trace, ranges) -> bool:
@@ -110,10 +112,9 @@ def test_defaults_stream_a_dense_point(packed):
 
 
 def output_range(path) -> tuple[int, int]:
-    """[start, end) of the matrix the output multiplies by (token_embd where tied), widened to 4 KiB pages."""
+    """The pages of the matrix the output multiplies by (token_embd where tied)."""
     ts = {t.name: t for t in open_header(str(path)).tensors}
-    t = ts.get("output.weight") or ts["token_embd.weight"]
-    return int(t.data_offset) // 4096 * 4096, -(-(int(t.data_offset) + int(t.n_bytes)) // 4096) * 4096
+    return pages(ts.get("output.weight") or ts["token_embd.weight"])
 
 
 @pytest.mark.parametrize("model", FIXTURES)
