@@ -201,10 +201,9 @@ def budget_bytes(layout: tuple[int, int], opts: RippleOptions) -> int:
 
 def verified_pack(model_path: str, pack_path: str | None = None) -> Pack:
     """The pack for a GGUF, verified against it (binding, version, truncation); RippleError otherwise.
-    The predictor arrays the reader decodes are dropped: the library reads its own copy."""
+    The predictors are left unread: the library reads (and checks) its own copy."""
     import gc
-    pack = open_pack(model_path, pack_path)
-    pack.predictors = []
+    pack = open_pack(model_path, pack_path, predictors=False)
     gc.collect()  # the readers of both files (and their per-element KV arrays) go now, not later
     return pack
 
@@ -622,7 +621,8 @@ class RippleLlama(llama_cpp.Llama):
                               "out; load with stock_when_dense=False (or the CLI's --quality) to move between points")
         if index != pk.op_default or self.ripple_point is not None:
             self.ripple_set_selection(pk.op_thresholds[index] + np.float32(self._threshold_offset), pk.op_floor[index])
-        self.ripple_point = _point_info(pk, index)
+        # which computation runs it: the GGUF's own FFN tensors streamed (a dense point) or the pack's bundles
+        self.ripple_point = {**_point_info(pk, index), "path": "stream" if self._streamed else "pack"}
         return self.ripple_point
 
     def ripple_set_selection(self, thresholds, floor: float) -> None:

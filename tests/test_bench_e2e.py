@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from ripple_gguf.bench.e2e import _worker, format_e2e, run_e2e
+from ripple_gguf.bench.e2e import _worker, cache_budget, format_e2e, run_e2e
 from ripple_gguf.cgroup import MemoryCgroup, _parents
 from ripple_gguf.errors import RippleError
 from ripple_gguf.pack import pack_path_for
@@ -92,6 +92,18 @@ def test_limits_and_budgets(result):
         assert "NOT memory-limited" in result["cgroup"]["note"]
         assert all(r["limit_bytes"] is None for r in result["runs"])
     assert _bench_dirs() == set()
+
+
+def test_a_budget_with_room_for_every_ffn_tensor_holds_every_streamed_layer():
+    """The streamed layers' reads are 4 KiB-aligned ranges, a few KiB a layer more than the tensors: a
+    budget of the whole GGUF fell those KiB short and streamed three layers every token (a 0.5B-shaped
+    Q8_0 at 100%: 0.48x stock, where everything fit)."""
+    info = {"non_ffn_bytes": 100 << 20, "predictor_bytes": 0, "ffn_bytes": 300 << 20,
+            "max_cache_bytes": (300 << 20) + 24 * 9 * 4096, "min_cache_bytes": 30 << 20, "streamed": True}
+    assert cache_budget(400 << 20, info) == (info["max_cache_bytes"], False)
+    assert cache_budget((400 << 20) - 1, info) == ((300 << 20) - 1, False)  # short of a tensor: as given
+    assert cache_budget(100 << 20, info) == (30 << 20, True)
+    assert cache_budget(400 << 20, {**info, "streamed": False}) == (300 << 20, False)  # the pack's slots: exact
 
 
 def test_perplexity_and_agreement(result):

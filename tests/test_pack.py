@@ -332,3 +332,25 @@ def test_pack_refuses_a_model_whose_perplexity_overflows(converted, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "perplexity" in r.stderr
     assert not pack_path_for(bad).exists()
+
+
+def test_predictors_are_checked_where_they_are_read(converted, tmp_path):
+    """RippleLlama checks the pack before every load but leaves the predictors to the library, which reads
+    and checks them where a point uses them: decoded to float32 by that check they were 2x their bytes,
+    and a 0.5B-shaped Q8_0 on the stock path kept ~7 MiB of that, page cache a model that just fits
+    lacked (0.2x stock in a cgroup of stock's own size). A damaged predictor is still an error wherever
+    it would be used; a dense point, which uses none, runs."""
+    from ripple_gguf.gguf_header import GGUFHeader
+    from ripple_gguf.runtime import RippleLlama, verified_pack
+    g = copy_converted(converted("tiny-llama-swiglu", "f16"), tmp_path)
+    pred = {t.name: t for t in GGUFHeader(pack_path_for(g)).tensors}["blk.1.pred_w2"]
+    flip(pack_path_for(g), int(pred.data_offset) + 100)
+    pk = verified_pack(str(g))
+    assert pk.predictors == [] and pk.predictor_bytes == 0
+    with pytest.raises(RippleError, match="layer 1 predictor"):
+        open_pack(g)  # what verify, inspect and the curve read
+    dense = RippleLlama(str(g), quality="0%", n_ctx=64, verbose=False)
+    assert dense.ripple_point["path"] == "stock"
+    dense.close()
+    with pytest.raises(RippleError, match="predictor"):
+        RippleLlama(str(g), n_ctx=64, verbose=False, dense_fallback=False)

@@ -81,6 +81,7 @@ def test_pack_stores_points_within_budget_and_runtime_moves_along_them(converted
     llm = RippleLlama(str(path), pack=pk, n_ctx=256, verbose=False, stream_prefill=0)
     try:
         assert llm.ripple_point["index"] == pk.op_default and llm.ripple_point["default"]
+        assert llm.ripple_point["path"] == "pack"  # every load says which computation runs the point
         ps = prompts(llm, n=2, length=64)
         seen = []
         for i in range(n):
@@ -121,6 +122,7 @@ def test_dense_point_without_a_budget_runs_the_stock_path(converted):
     llm = RippleLlama(path, quality="0%", n_ctx=256, verbose=False)
     st = llm.ripple_stats()
     assert st["mode"] == "dense" and "computes every neuron" in st["reason"] and llm.ripple_point["index"] == 0
+    assert llm.ripple_point["path"] == "stock"
     got = [int(t) for t, _ in zip(llm.generate(llm.tokenize(b"def main("), temp=0.0, top_k=1), range(8))]
     llm.close()
     stock = RippleLlama(path, dense=True, n_ctx=256, verbose=False)
@@ -128,7 +130,7 @@ def test_dense_point_without_a_budget_runs_the_stock_path(converted):
     stock.close()
     assert got == want
     kept = RippleLlama(path, quality="0%", cache_size=verified_pack(path).ffn_pack_bytes, n_ctx=256, verbose=False)
-    assert kept.ripple_active and kept.ripple_point["index"] == 0
+    assert kept.ripple_active and kept.ripple_point["index"] == 0 and kept.ripple_point["path"] == "stream"
     kept.close()
     proc = run_cli("run", path, "-p", "def ", "-n", "2", "--quality", "0%", check=True)
     assert "stock path: operating point 0 computes every neuron" in proc.stderr
