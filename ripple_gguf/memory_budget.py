@@ -137,6 +137,16 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
     cache = int(min(ffn_pack_bytes, max(minimum, left)))
     split.update(headroom=headroom(avail), ffn_room=room, cache=cache)
     split["below_minimum"] = left < minimum
+    if left >= minimum and total is None:
+        # the usual allowances (runtime 32 MiB, headroom >= 64 MiB) can leave less cache than the tight
+        # split's margins with every non-FFN weight still held: more memory gave a smaller cache (a 0.5B-
+        # shaped Q8_0 at 75% of its size: 64 MiB, 2 of 24 layers held, 5.7-6.5 tok/s; now 137 MiB, 8
+        # layers, 9.2-10.6). Not for a given --memory-budget: it also counts this Python process, which
+        # the available memory (measured from inside it) does not, and the headroom covers
+        beside = minimum + _cache_beside_all_weights(split)
+        if beside > cache:
+            cache = split["cache"] = int(min(ffn_pack_bytes, beside))
+            split["note"] = "the tight split's margins, every non-FFN weight held: the usual allowances left less"
     split["mapped_fits"] = mapped_pack_fits(split)
     if left < minimum and total is not None and not split["mapped_fits"]:
         need = mapped_pack_need(split)
@@ -167,21 +177,29 @@ def budget_or_available(total: int | None) -> tuple[int | None, str]:
     return available_memory() if total is None else (total, "--memory-budget")
 
 
+# llama.cpp's own memory beside its weights and KV cache, as a decode touches it (compute buffers, its
+# tokenizer, llama-cpp-python's arrays), measured after load and a decode: 31 MiB for SmolLM2-135M, 36 MiB
+# for a 0.5B-shaped Q8_0 (151,936-token vocabulary). Without it, "the whole model fits" held with 1 MiB
+# to spare, and the stock path then re-read its weights every token (SmolLM2 Q4_1 in a 136 MiB cgroup:
+# 13 tok/s where the runtime ran 24-30; the 0.5B shape at a 2048 context in 577 MiB: 4.7)
+STOCK_OWN = 32 * MIB
+
+
 def model_fits(path: str, n_ctx: int, total: int | None = None) -> bool:
-    """Do the GGUF's weights and a KV cache of n_ctx tokens fit in `total`, else in the memory
-    available (True where that is unknown)? whole_model_fits, before any split is made."""
+    """Do the GGUF's weights, a KV cache of n_ctx tokens and llama.cpp's own memory fit in `total`, else
+    in the memory available (True where that is unknown)? whole_model_fits, before any split is made."""
     avail = budget_or_available(total)[0]
-    return avail is None or os.path.getsize(path) + kv_cache_bytes(path, n_ctx) <= avail
+    return avail is None or os.path.getsize(path) + kv_cache_bytes(path, n_ctx) + STOCK_OWN <= avail
 
 
 def whole_model_fits(split: dict) -> bool:
     """Would the GGUF with every weight in memory (the stock path, its weights in the page cache) fit
-    where this split was made? Weights and KV cache against what is available: llama.cpp's compute
-    buffers are counted at their worst elsewhere, but a decode touches little of them, and stock falls
+    where this split was made? Weights, KV cache and STOCK_OWN against what is available: llama.cpp's
+    compute buffers are counted at their worst elsewhere, but a decode touches little of them, and stock falls
     off a cliff only once its weights do not fit (SmolLM2 Q4_1 in a cgroup of exactly its weights plus
     its measured overhead: stock 88 tok/s; at 75% of its weights: 9.8, where the pack path ran 16-20)."""
     return (split.get("available") is not None
-            and split["non_ffn_weights"] + split["gguf_ffn"] + split["kv_cache"] <= split["available"])
+            and split["non_ffn_weights"] + split["gguf_ffn"] + split["kv_cache"] + STOCK_OWN <= split["available"])
 
 
 def mapped_pack_fits(split: dict) -> bool:

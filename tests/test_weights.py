@@ -119,3 +119,31 @@ def test_tight_split_gives_the_cache_what_no_mapped_rest_needs(streamed):
     cache = split["minimum"] + extra
     assert mb.resident_weight_bytes(split, cache) == split["non_ffn_weights"]
     assert mb.resident_weight_bytes(split, cache + mib) <= split["non_ffn_weights"] - mb.PAGE_CACHE_FLOOR
+
+
+def test_more_memory_never_gives_a_smaller_cache(packed, monkeypatch):
+    """Default settings: where the usual allowances (runtime 32 MiB, headroom >= 64 MiB) leave room
+    beyond the minimum cache, the cache is still at least what the tight split's margins give with every
+    non-FFN weight held. It was less: a 0.5B-shaped Q8_0 at 75% of its size got a 64 MiB cache (2 of 24
+    layers held, ~6 tok/s) where the same rule a little tighter gave 137 MiB (8 layers, ~10 tok/s). A
+    --memory-budget, which also counts this process, keeps the usual allowances."""
+    from ripple_gguf import memory_budget as mb
+    path = str(packed("tiny-llama-swiglu", "f32"))
+    whole, minimum = mb.stream_layout(path)
+    _, other = mb.gguf_ffn_split(path)
+    n_ctx = KW["n_ctx"]
+    usual = other + mb.kv_cache_bytes(path, n_ctx) + mb.llama_compute_bytes(path, n_ctx) + mb.RUNTIME_ALLOWANCE
+    avail = usual + mb.HEADROOM_MIN + minimum + (whole - minimum) // 4  # the usual rule: a quarter more than the minimum
+    monkeypatch.setattr(mb, "available_memory", lambda: (avail, "a test limit"))
+    cache, split = mb.default_cache_budget(path, n_ctx, whole, minimum, 0, streamed=True)
+    beside = minimum + mb._cache_beside_all_weights(split)
+    assert not split["below_minimum"] and beside > minimum + (whole - minimum) // 4
+    assert cache == min(whole, beside) and mb.resident_weight_bytes(split, cache) == other
+    given, _ = mb.default_cache_budget(path, n_ctx, whole, minimum, 0, total=avail, streamed=True)
+    assert given == minimum + (whole - minimum) // 4
+    # and from the tight split up, every step of memory gives at least the cache the step before
+    caches = []
+    for extra in range(0, 128 << 20, 4 << 20):
+        monkeypatch.setattr(mb, "available_memory", lambda e=extra: (other + (16 << 20) + e, "a test limit"))
+        caches.append(mb.default_cache_budget(path, n_ctx, whole, minimum, 0, streamed=True)[0])
+    assert all(b >= a for a, b in zip(caches, caches[1:])), caches
