@@ -177,19 +177,22 @@ def budget_or_available(total: int | None) -> tuple[int | None, str]:
     return available_memory() if total is None else (total, "--memory-budget")
 
 
-# llama.cpp's own memory beside its weights and KV cache, as a decode touches it (compute buffers, its
-# tokenizer, llama-cpp-python's arrays), measured after load and a decode: 31 MiB for SmolLM2-135M, 36 MiB
-# for a 0.5B-shaped Q8_0 (151,936-token vocabulary). Without it, "the whole model fits" held with 1 MiB
-# to spare, and the stock path then re-read its weights every token (SmolLM2 Q4_1 in a 136 MiB cgroup:
-# 13 tok/s where the runtime ran 24-30; the 0.5B shape at a 2048 context in 577 MiB: 4.7)
-STOCK_OWN = 32 * MIB
+# llama.cpp's own memory beside its weights and KV cache (compute buffers as a decode touches them,
+# llama-cpp-python's arrays): with none counted, "the whole model fits" held with 1 MiB to spare and the
+# stock path then re-read its weights every token (SmolLM2 Q4_1 in a 136 MiB cgroup: 13 tok/s where the
+# runtime ran 53). Where the line lies, measured: above 14 MiB (a 0.5B-shaped Q8_0 at a 2048 context
+# re-read its weights with 14 MiB to spare), at most 24 MiB (SmolLM2 F16 in a cgroup of stock's own
+# measured size runs stock at full speed with 24 MiB to spare; counted as not fitting, the runtime
+# streamed part of its FFN at 0.25x). Near the line either way costs: this errs towards the stock path.
+STOCK_OWN = 16 * MIB
 
 
-def model_fits(path: str, n_ctx: int, total: int | None = None) -> bool:
-    """Do the GGUF's weights, a KV cache of n_ctx tokens and llama.cpp's own memory fit in `total`, else
-    in the memory available (True where that is unknown)? whole_model_fits, before any split is made."""
+def model_fits(path: str, n_ctx: int, total: int | None = None, spare: int = 0) -> bool:
+    """Do the GGUF's weights, a KV cache of n_ctx tokens and llama.cpp's own memory (and `spare` bytes)
+    fit in `total`, else in the memory available (True where that is unknown)? whole_model_fits, before
+    any split is made."""
     avail = budget_or_available(total)[0]
-    return avail is None or os.path.getsize(path) + kv_cache_bytes(path, n_ctx) + STOCK_OWN <= avail
+    return avail is None or os.path.getsize(path) + kv_cache_bytes(path, n_ctx) + STOCK_OWN + spare <= avail
 
 
 def whole_model_fits(split: dict) -> bool:

@@ -906,6 +906,24 @@ def test_ctypes_structs_are_the_libraries_own(macro, struct):
         assert {f.name: c.param_default(f.name) for f in c.param_fields} == {n: float(d) for _, n, d in declared}
 
 
+def test_default_context_keeps_2048_only_with_room_to_spare(smollm2, monkeypatch):
+    """The default context is decided before the load, whose own check (whole_model_fits) comes later
+    with a few MiB more in use: a 2048 context that fitted by less than that then ran on the runtime with
+    every buffer sized for it (a 0.5B-shaped Q8_0 in 577 MiB: 6-7.6 tok/s, where 512 on the stock path
+    ran 48.8). So 2048 stays only with llama.cpp's own memory to spare twice."""
+    import argparse
+    from ripple_gguf import memory_budget as mb
+    from ripple_gguf.run_cli import _n_ctx
+    path = str(smollm2["q4_1"])
+    need = os.path.getsize(path) + mb.kv_cache_bytes(path, 2048) + mb.STOCK_OWN
+    got = {}
+    for avail in (need, need + mb.STOCK_OWN):
+        monkeypatch.setattr(mb, "available_memory", lambda a=avail: (a, "a test limit"))
+        args = argparse.Namespace(ctx=None, gguf=path, memory_budget=None, cache_size=None, cache_ratio=None)
+        got[avail] = _n_ctx(args)
+    assert got == {need: 512, need + mb.STOCK_OWN: 2048}
+
+
 def test_run_default_context_shrinks_where_the_model_does_not_fit(smollm2):
     """`run`'s default context is 2048 tokens (or the model's own), but its KV cache is zeroed, so
     unreclaimable, at load: where the model does not fit in the memory available (here: a budget
