@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from .errors import RippleError
@@ -160,9 +161,24 @@ def one_line(msg: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(msg.split("\n")))
 
 
+# options whose value may be negative (a mistake to name, not an option): argparse takes "-1%" for an
+# option and says only "expected one argument"; joined as --quality=-1%, the value's own check answers
+SIGNED_VALUE_OPTIONS = ("--quality", "--max-ppl-increase")
+
+
+def _join_signed_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1] in SIGNED_VALUE_OPTIONS and re.fullmatch(r"-[0-9.]+%?", a):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_signed_values(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "command", None):  # no subcommand: what there is to do, not an error
         parser.print_help()
         return 0

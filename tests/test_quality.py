@@ -157,6 +157,10 @@ def test_bad_quality_is_a_one_line_error(converted):
     proc = run_cli("run", path, "-p", "hi", "-n", "2", "--quality", "lots")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "budget" in proc.stderr
+    # a negative value is the value's mistake (argparse took "-1%" for an option: "expected one argument")
+    proc = run_cli("run", path, "-p", "hi", "-n", "2", "--quality", "-1%")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: perplexity budget '-1%' is out of range; use e.g. 2% (0% = dense, 100% at most)"], proc.stderr
 
 
 def test_starved_calibration_is_warned(tmp_path):
