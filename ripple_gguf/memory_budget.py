@@ -137,16 +137,16 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
     cache = int(min(ffn_pack_bytes, max(minimum, left)))
     split.update(headroom=headroom(avail), ffn_room=room, cache=cache)
     split["below_minimum"] = left < minimum
-    if left >= minimum and total is None:
+    # the tight split's cache: the minimum, and beyond it what still leaves every non-FFN weight held
+    tight = int(min(ffn_pack_bytes, minimum + max(0, _cache_beside_all_weights(split))))
+    if left >= minimum and total is None and tight > cache:
         # the usual allowances (runtime 32 MiB, headroom >= 64 MiB) can leave less cache than the tight
         # split's margins with every non-FFN weight still held: more memory gave a smaller cache (a 0.5B-
         # shaped Q8_0 at 75% of its size: 64 MiB, 2 of 24 layers held, 5.7-6.5 tok/s; now 137 MiB, 8
         # layers, 9.2-10.6). Not for a given --memory-budget: it also counts this Python process, which
         # the available memory (measured from inside it) does not, and the headroom covers
-        beside = minimum + _cache_beside_all_weights(split)
-        if beside > cache:
-            cache = split["cache"] = int(min(ffn_pack_bytes, beside))
-            split["note"] = "the tight split's margins, every non-FFN weight held: the usual allowances left less"
+        cache = split["cache"] = tight
+        split["note"] = "the tight split's margins, every non-FFN weight held: the usual allowances left less"
     split["mapped_fits"] = mapped_pack_fits(split)
     if left < minimum and total is not None and not split["mapped_fits"]:
         need = mapped_pack_need(split)
@@ -162,7 +162,7 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
         # allow (resident_weight_bytes), and the cache gets what is left once all of them are. A given
         # budget splits the same way as the available memory does (it used to be refused below the
         # usual allowances, where default settings in a cgroup of that size ran)
-        cache = split["cache"] = int(min(ffn_pack_bytes, minimum + max(0, _cache_beside_all_weights(split))))
+        cache = split["cache"] = tight
         held = resident_weight_bytes(split, cache)
         split["note"] = ("less memory than the non-FFN weights and a neuron cache need with the usual allowances: "
                          + ("all non-FFN weights held" if held >= other else
@@ -187,22 +187,27 @@ def budget_or_available(total: int | None) -> tuple[int | None, str]:
 STOCK_OWN = 16 * MIB
 
 
+def stock_need(weights: int, kv_bytes: int) -> int:
+    """What the stock path needs to run without re-reading its weights: all of them in the page cache,
+    the KV cache and llama.cpp's own memory (model_fits and whole_model_fits both ask this)."""
+    return weights + kv_bytes + STOCK_OWN
+
+
 def model_fits(path: str, n_ctx: int, total: int | None = None, spare: int = 0) -> bool:
-    """Do the GGUF's weights, a KV cache of n_ctx tokens and llama.cpp's own memory (and `spare` bytes)
-    fit in `total`, else in the memory available (True where that is unknown)? whole_model_fits, before
-    any split is made."""
+    """Does stock_need (and `spare` bytes) fit in `total`, else in the memory available (True where that
+    is unknown)? whole_model_fits, before any split is made."""
     avail = budget_or_available(total)[0]
-    return avail is None or os.path.getsize(path) + kv_cache_bytes(path, n_ctx) + STOCK_OWN + spare <= avail
+    return avail is None or stock_need(os.path.getsize(path), kv_cache_bytes(path, n_ctx)) + spare <= avail
 
 
 def whole_model_fits(split: dict) -> bool:
     """Would the GGUF with every weight in memory (the stock path, its weights in the page cache) fit
-    where this split was made? Weights, KV cache and STOCK_OWN against what is available: llama.cpp's
+    where this split was made? stock_need against what is available: llama.cpp's
     compute buffers are counted at their worst elsewhere, but a decode touches little of them, and stock falls
     off a cliff only once its weights do not fit (SmolLM2 Q4_1 in a cgroup of exactly its weights plus
     its measured overhead: stock 88 tok/s; at 75% of its weights: 9.8, where the pack path ran 16-20)."""
-    return (split.get("available") is not None
-            and split["non_ffn_weights"] + split["gguf_ffn"] + split["kv_cache"] + STOCK_OWN <= split["available"])
+    return (split.get("available") is not None and
+            stock_need(split["non_ffn_weights"] + split["gguf_ffn"], split["kv_cache"]) <= split["available"])
 
 
 def mapped_pack_fits(split: dict) -> bool:

@@ -516,15 +516,13 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
                 raise RippleError(f"{path}: layer {il} predictor ({name}) is damaged (checksum mismatch); {fix}")
             dt = np.float16 if qt == QT.F16 else np.float32
             return np.frombuffer(raw, dtype=dt).reshape(shape).astype(np.float32)
-        if not predictors:
-            for name, shape, qt in (("pred_w1", (rank, n_embd), QT.F16), ("pred_b1", (rank,), QT.F32),
-                                    ("pred_w2", (n_ff[il], rank), QT.F16), ("pred_b2", (n_ff[il],), QT.F32)):
-                t(name, shape, qt)  # present and well-formed; the bytes are the library's to check
-            continue
-        p = LayerPredictor(arr("pred_w1", (rank, n_embd), QT.F16), arr("pred_b1", (rank,), QT.F32),
-                           arr("pred_w2", (n_ff[il], rank), QT.F16), arr("pred_b2", (n_ff[il],), QT.F32),
-                           float(thresholds[il]))
-        preds.append(p)
+        parts = [("pred_w1", (rank, n_embd), QT.F16), ("pred_b1", (rank,), QT.F32),
+                 ("pred_w2", (n_ff[il], rank), QT.F16), ("pred_b2", (n_ff[il],), QT.F32)]  # PRED_PARTS' order
+        if predictors:
+            preds.append(LayerPredictor(*(arr(*part) for part in parts), float(thresholds[il])))
+        else:
+            for part in parts:
+                t(*part)  # present and well-formed; the bytes are the library's to check
     ops = _operating_points(r, n_layer, thresholds, path, fix)
     stats = {}
     for k in ("recall", "mass_recall", "precision", "pred_density", "true_density"):

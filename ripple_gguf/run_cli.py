@@ -332,11 +332,11 @@ def print_mode_note(args, llm, out) -> None:
     """The operating point in use, and why the stock path ran if it did."""
     if getattr(args, "ctx_note", None):
         print(args.ctx_note, file=out)
-    if llm.ripple_point:
-        stock = llm.ripple_dense_reason and not args.dense  # (its perplexity increase does not apply)
+    stock = llm.ripple_dense_reason and not args.dense  # the stock path ran instead of the runtime
+    if llm.ripple_point:  # (on the stock path its perplexity increase does not apply)
         print(point_line(llm.ripple_point) + ("; not in use: the stock path computes every neuron" if stock else ""),
               file=out)
-    if llm.ripple_dense_reason and not args.dense:
+    if stock:
         print(f"stock path: {llm.ripple_dense_reason}", file=out)
     if llm.ripple_non_ffn:
         print(f"non-FFN weights: {llm.ripple_non_ffn}", file=out)

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-FIXTURE = Path(__file__).resolve().parents[1] / "models" / "tiny-llama-swiglu"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_qwen2_fixture import SOURCE as FIXTURE, TOKENIZER_FILES  # noqa: E402  (the same tokenizer copy)
 
 # published configs (config.json of each model on the hub)
 SHAPES = {
