@@ -35,6 +35,9 @@ HEADROOM_MIN, HEADROOM_SHARE = 64 * MIB, 0.10  # the Python process, the page ca
 # tensors, each layer read whole into one of two staging buffers counted here (params.stream_prefill_tokens):
 # their union of active neurons is most of each layer (crossover measured: README "Running sparse from flash")
 STREAM_PREFILL_TOKENS = 32
+STREAM_CHUNK = 2 * MIB  # the streamed FFN's smallest staging buffer (llama-ripple-stream.cpp, RIPPLE_STREAM_CHUNK)
+PAGE = 4096
+UNIT_ROWS = 32  # a chunked layer's units are multiples of this many rows (RIPPLE_UNIT_ROWS)
 
 
 def headroom(total: int) -> int:
@@ -45,14 +48,52 @@ def _ffn_bytes(r) -> int:
     return sum(ffn_weight_bytes(r, read_ffn_layout(r).n_layer))
 
 
-def stream_layout(path: str) -> tuple[int, int]:
-    """(bytes of every layer's FFN, the least the streamed dense FFN accepts: two layers' staging
-    buffers) as llama-ripple-stream.cpp lays them out: each layer's gate/up/down read in 4 KiB-aligned
-    ranges, tensors at most a page apart merged (counted here at their widest: three extra pages
-    per tensor)."""
+def _streamed_layers(r, n_layer: int) -> list[int]:
+    return [b + 3 * 3 * PAGE for b in ffn_weight_bytes(r, n_layer)]
+
+
+def prompt_staging_bytes(path: str) -> int:
+    """The staging buffers of prompt batches streamed beside the pack (params.stream_prefill_tokens):
+    two whole layers, as stream_layout counts them."""
     r = open_header(path)
-    layers = [b + 3 * 3 * 4096 for b in ffn_weight_bytes(r, read_ffn_layout(r).n_layer)]
-    return sum(layers), 2 * max(layers)
+    return 2 * max(_streamed_layers(r, read_ffn_layout(r).n_layer))
+
+
+def _row_bytes(shape_and_bytes: tuple) -> int:
+    shape, n_bytes = shape_and_bytes
+    return n_bytes // shape[1]
+
+
+def stream_layout(path: str, chunk_bytes: int | None = None) -> tuple[int, int]:
+    """(bytes of every layer's FFN, the least the streamed dense FFN accepts: two staging buffers) as
+    llama-ripple-stream.cpp lays them out: each layer's gate/up/down read in 4 KiB-aligned ranges,
+    tensors at most a page apart merged (counted here at their widest: three extra pages per tensor).
+    A buffer is at most a layer, at least STREAM_CHUNK (`chunk_bytes`, params.stream_chunk_bytes)
+    and UNIT_ROWS rows of gate and up (of down) with their pages: a layer larger than the buffers is
+    read and computed in row chunks that fit one."""
+    r = open_header(path)
+    n_layer = read_ffn_layout(r).n_layer
+    layers = _streamed_layers(r, n_layer)
+    shapes: dict[tuple[int, str], tuple] = {}
+    for t in r.tensors:
+        parts = t.name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"):
+            shapes[(int(parts[1]), parts[2])] = (t.shape, t.n_bytes)
+    unit = 0  # the least buffer one row of a chunked layer needs (0: a layer cannot be chunked)
+    for il in range(n_layer):
+        gate, up, down = (shapes.get((il, k)) for k in ("ffn_gate", "ffn_up", "ffn_down"))
+        if not up or not down or len(up[0]) > 2 or len(down[0]) > 2 or down[0][0] != up[0][1] \
+                or (gate and gate[0] != up[0]):
+            unit = 0
+            break
+        gu_rows, d_rows = min(UNIT_ROWS, up[0][1]), min(UNIT_ROWS, down[0][1])
+        unit = max(unit, gu_rows * ((_row_bytes(gate) if gate else 0) + _row_bytes(up)) + 4 * PAGE,
+                   d_rows * _row_bytes(down) + 2 * PAGE)
+    biggest = max(layers)
+    if unit:
+        smallest = max(unit, chunk_bytes or STREAM_CHUNK)
+        biggest = min(biggest, -(-smallest // PAGE) * PAGE)
+    return sum(layers), 2 * biggest
 
 
 def gguf_ffn_split(path: str) -> tuple[int, int]:

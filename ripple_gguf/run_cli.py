@@ -343,8 +343,8 @@ def print_mode_note(args, llm, out) -> None:
     if llm.ripple_streamed:
         st = llm.ripple_stats()
         held, n_layer = st["resident_layers"], llm.ripple_pack.n_layer
-        where = "all in memory" if held >= n_layer else \
-            f"{held} of {n_layer} layers in memory, the rest streamed whole, one layer ahead"
+        how = f"in {st['ffn_chunks']} row chunks, several ahead" if st.get("ffn_chunks") else "whole, one layer ahead"
+        where = "all in memory" if held >= n_layer else f"{held} of {n_layer} layers in memory, the rest streamed {how}"
         print(f"FFN: every neuron, llama.cpp's kernels over the GGUF's own FFN tensors: {where}", file=out)
 
 

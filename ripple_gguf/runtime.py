@@ -169,11 +169,12 @@ class RippleOptions:
     all_active: bool = False                 # debug: predictor off, every neuron computed
 
 
-def ffn_layout(model_path: str, pack: Pack, streamed: bool) -> tuple[int, int]:
+def ffn_layout(model_path: str, pack: Pack, streamed: bool, chunk_bytes: int | None = None) -> tuple[int, int]:
     """(the whole FFN's bytes, the smallest FFN cache the runtime accepts) where the FFN runs from: the
-    pack's bundles (one layer of slots) or, streamed dense, the GGUF's own tensors (two whole layers)."""
+    pack's bundles (one layer of slots) or, streamed dense, the GGUF's own tensors (two staging buffers
+    of at most a layer: larger layers are read in row chunks)."""
     from .memory_budget import stream_layout
-    return stream_layout(model_path) if streamed else (pack.every_slot_bytes, pack.min_cache_bytes)
+    return stream_layout(model_path, chunk_bytes) if streamed else (pack.every_slot_bytes, pack.min_cache_bytes)
 
 
 def budget_bytes(layout: tuple[int, int], opts: RippleOptions) -> int:
@@ -194,7 +195,7 @@ def budget_bytes(layout: tuple[int, int], opts: RippleOptions) -> int:
     if budget < minimum:
         raise RippleError(f"FFN cache {fmt_bytes(budget)} ({budget} bytes) is below what one batch needs; "
                           f"the minimum for this model is {fmt_bytes(minimum)} ({minimum} bytes: one layer of neurons, "
-                          "or two whole layers where a dense point streams them): pass "
+                          "or two staging buffers where a dense point streams them): pass "
                           f"--cache-size {minimum} or more (or --cache-ratio {minimum / ffn:.3f})")
     return budget
 
@@ -319,7 +320,9 @@ class RippleLlama(llama_cpp.Llama):
     where not all do, the largest tensors first, the rest mapped (resident_weights=True/False forces it
     either way; a size holds that much); a mapped output matrix beside a streamed FFN is multiplied in
     chunks read through the FFN's staging buffers where the page cache does not hold it (stream_output:
-    1 that, 2 always read, 0 never; output_chunk_bytes: their largest size).
+    1 that, 2 always read, 0 never; output_chunk_bytes: their largest size). A streamed layer larger
+    than the staging buffers (at least stream_chunk_bytes, default 2 MiB, at most a layer) is read and
+    computed in row chunks that fit one.
     A use_mmap= the caller passes decides it too (use_mmap=False: resident).
     Everything else (n_ctx, n_threads, chat_format, verbose, ...) goes to `llama_cpp.Llama`.
     """
@@ -333,7 +336,8 @@ class RippleLlama(llama_cpp.Llama):
                  warm_cache: bool | None = None, read_ahead: bool | None = None, quality=None,
                  stock_when_dense: bool = True, resident_weights: bool | int | str | None = None,
                  stream_dense: bool | None = None, stream_prefill: int | None = None,
-                 stream_output: int | None = None, output_chunk_bytes: int | None = None, **kwargs):
+                 stream_output: int | None = None, output_chunk_bytes: int | None = None,
+                 stream_chunk_bytes: int | None = None, **kwargs):
         self.ripple_pack: Pack | None = None
         self.ripple_dense_reason: str | None = None
         self.ripple_point: dict | None = None
@@ -344,6 +348,7 @@ class RippleLlama(llama_cpp.Llama):
         self._streamed = False       # the FFN streamed from the GGUF's own tensors (params.stream_dense)
         self._prefill_tokens = 0     # beside the pack: batches this long stream the dense FFN (0: none)
         self._prefill_given = stream_prefill is not None
+        self._stream_chunk = stream_chunk_bytes  # the streamed FFN's smallest staging buffer (None: the library's)
         self._ripple_busy = threading.Lock()
         model_path = str(model_path)
         if not Path(model_path).is_file():
@@ -357,7 +362,7 @@ class RippleLlama(llama_cpp.Llama):
         try:
             pack = pack or verified_pack(model_path, pack_path)
             point = pack.op_default if quality is None else choose_point(pack, quality)
-            # streamed (a dense point) where its two layers fit, else the pack's bundles (one layer)
+            # streamed (a dense point) where its two staging buffers fit, else the pack's bundles (one layer)
             tries = [bool(stream_dense)] if stream_dense is not None else \
                 [True, False] if streams(pack, point, stock_when_dense, opts.all_active) else [False]
             given = opts.cache_size is not None or opts.cache_ratio is not None
@@ -405,7 +410,8 @@ class RippleLlama(llama_cpp.Llama):
         params = lib.llama_ripple_default_params()
         given_params = {"io_threads": io_threads, "t0_us": t0_us, "bw_mbps": bw_mbps, "merge_gap_bytes": merge_gap_bytes,
                         "threshold_offset": threshold_offset, "warm_cache": warm_cache, "read_ahead": read_ahead,
-                        "stream_output": stream_output, "output_chunk_bytes": output_chunk_bytes}
+                        "stream_output": stream_output, "output_chunk_bytes": output_chunk_bytes,
+                        "stream_chunk_bytes": stream_chunk_bytes}
         for name, value in given_params.items():
             if value is not None:
                 setattr(params, name, type(getattr(params, name))(value))
@@ -453,8 +459,8 @@ class RippleLlama(llama_cpp.Llama):
         (self._prefill_tokens: 0), and, where the caller set no batch size, for llama.cpp batches of
         TIGHT_UBATCH tokens (split["n_ubatch"]): its compute buffer is sized for its largest batch
         (SmolLM2 at n_ctx 512: 98 MiB for 512 tokens, 12 MiB for 64), and what that frees holds weights."""
-        from .memory_budget import default_cache_budget, stream_layout
-        layout = ffn_layout(model_path, pack, self._streamed)
+        from .memory_budget import default_cache_budget, prompt_staging_bytes
+        layout = ffn_layout(model_path, pack, self._streamed, self._stream_chunk)
         budget = budget_bytes(layout, opts)
         asked_ub = kwargs.get("n_ubatch") or kwargs.get("n_batch")
         ub = int(asked_ub or 512)
@@ -465,7 +471,7 @@ class RippleLlama(llama_cpp.Llama):
         # the same for every try (each stream_layout parses the GGUF header)
         n_ctx = int(kwargs.get("n_ctx", 512) or 512)
         predictors = 0 if self._no_predictors or opts.all_active else predictor_bytes(pack, point, False)
-        staging = stream_layout(model_path)[1] if any(p for _, p in tries) else 0
+        staging = prompt_staging_bytes(model_path) if any(p for _, p in tries) else 0
         total = None if opts.memory_budget is None else parse_size(opts.memory_budget)
         for i, (ub, prefill) in enumerate(tries):
             try:

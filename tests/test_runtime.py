@@ -305,6 +305,29 @@ def test_opening_and_running_never_reads_the_gguf_ffn(big_model, weights):
 
 
 @pytest.mark.slow
+def test_a_streamed_ffn_below_two_layers_runs_in_chunks_within_its_budget(big_model):
+    """At a dense point the FFN streams from the GGUF; a cache smaller than two of its 12 MiB layers was
+    refused, now each layer is read and computed in row chunks through the staging buffers: the same
+    greedy tokens as the stock path, peak RSS within the non-FFN weights, the cache and the stated
+    overhead, nothing of the FFN resident."""
+    budget = 8 * 2**20
+    runs = {}
+    for name, extra in (("chunked", ["--quality", "0%", "--cache-size", str(budget), "--direct-io"]), ("dense", ["--dense"])):
+        proc = run_cli("run", big_model, "-p", "import os\n", "-n", 16, "--ctx", 256, "--json", *extra,
+                       check=True, timeout=900)
+        runs[name] = json.loads(proc.stdout)
+    c, d = runs["chunked"], runs["dense"]
+    m, st = c["memory"], c["ripple"]
+    grew = m["peak_rss_bytes"] - m["rss_before_load_bytes"]
+    bound = m["gguf_non_ffn_bytes"] + budget + m["runtime_overhead_bytes"] + STATED_OVERHEAD
+    print(f"chunked: {st['ffn_chunks']} chunks, cache {st['cache_bytes'] / 2**20:.1f} MiB, peak RSS grew "
+          f"{grew / 2**20:.1f} MiB (bound {bound / 2**20:.1f}), {c['generation']['tokens_per_s']} tokens/s")
+    assert st["stream_dense"] and st["ffn_chunks"] > 0 and st["resident_layers"] == 0 and not st["error"]
+    assert st["cache_bytes"] <= budget and grew <= bound and grew < m["gguf_ffn_bytes"]
+    assert c["tokens"] == d["tokens"]
+
+
+@pytest.mark.slow
 def test_peak_rss_stays_under_non_ffn_weights_plus_budget(big_model):
     budget = 16 * 2**20  # the FFN is 96 MiB; one layer's working set is 12 MiB
     runs = {}
