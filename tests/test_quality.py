@@ -87,7 +87,9 @@ def test_pack_stores_points_within_budget_and_runtime_moves_along_them(converted
         for i in range(n):
             llm.ripple_set_point(i)
             llm.ripple_reset_stats()
-            all_logits(llm, ps)
+            for toks in ps:  # (only the stats: without logits_all the earlier rows of scores are never written)
+                llm.reset()
+                llm.eval(toks)
             seen.append(llm.ripple_stats()["predicted_density"])
         print(model, "stored", np.round(pk.op_density, 3), "on held-out prompts", np.round(seen, 3))
         assert seen[0] == 1.0
