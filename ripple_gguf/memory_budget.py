@@ -59,11 +59,6 @@ def prompt_staging_bytes(path: str) -> int:
     return 2 * max(_streamed_layers(r, read_ffn_layout(r).n_layer))
 
 
-def _row_bytes(shape_and_bytes: tuple) -> int:
-    shape, n_bytes = shape_and_bytes
-    return n_bytes // shape[1]
-
-
 def stream_layout(path: str, chunk_bytes: int | None = None) -> tuple[int, int]:
     """(bytes of every layer's FFN, the least the streamed dense FFN accepts: two staging buffers) as
     llama-ripple-stream.cpp lays them out: each layer's gate/up/down read in 4 KiB-aligned ranges,
@@ -72,28 +67,19 @@ def stream_layout(path: str, chunk_bytes: int | None = None) -> tuple[int, int]:
     and UNIT_ROWS rows of gate and up (of down) with their pages: a layer larger than the buffers is
     read and computed in row chunks that fit one."""
     r = open_header(path)
-    n_layer = read_ffn_layout(r).n_layer
-    layers = _streamed_layers(r, n_layer)
-    shapes: dict[tuple[int, str], tuple] = {}
-    for t in r.tensors:
-        parts = t.name.split(".")
-        if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"):
-            shapes[(int(parts[1]), parts[2])] = (t.shape, t.n_bytes)
-    unit = 0  # the least buffer one row of a chunked layer needs (0: a layer cannot be chunked)
-    for il in range(n_layer):
-        gate, up, down = (shapes.get((il, k)) for k in ("ffn_gate", "ffn_up", "ffn_down"))
-        if not up or not down or len(up[0]) > 2 or len(down[0]) > 2 or down[0][0] != up[0][1] \
-                or (gate and gate[0] != up[0]):
-            unit = 0
-            break
-        gu_rows, d_rows = min(UNIT_ROWS, up[0][1]), min(UNIT_ROWS, down[0][1])
-        unit = max(unit, gu_rows * ((_row_bytes(gate) if gate else 0) + _row_bytes(up)) + 4 * PAGE,
-                   d_rows * _row_bytes(down) + 2 * PAGE)
-    biggest = max(layers)
-    if unit:
-        smallest = max(unit, chunk_bytes or STREAM_CHUNK)
-        biggest = min(biggest, -(-smallest // PAGE) * PAGE)
-    return sum(layers), 2 * biggest
+    layout = read_ffn_layout(r)  # (2-D gate/up/down that agree on n_ff, or an error)
+    layers = _streamed_layers(r, layout.n_layer)
+    tensors = {t.name: t for t in r.tensors}
+
+    def rows(il: int, kind: str, n: int) -> int:  # bytes of n rows of a layer's FFN tensor (0: none)
+        t = tensors.get(f"blk.{il}.{kind}.weight")
+        return 0 if t is None else n * (int(t.n_bytes) // int(t.shape[1]))
+
+    unit = max(max(rows(il, "ffn_gate", g) + rows(il, "ffn_up", g) + 4 * PAGE, rows(il, "ffn_down", d) + 2 * PAGE)
+               for il, g, d in ((il, min(UNIT_ROWS, ff), min(UNIT_ROWS, layout.n_embd))
+                                for il, ff in enumerate(layout.n_ff)))
+    smallest = -(-max(unit, chunk_bytes or STREAM_CHUNK) // PAGE) * PAGE
+    return sum(layers), 2 * min(max(layers), smallest)
 
 
 def gguf_ffn_split(path: str) -> tuple[int, int]:

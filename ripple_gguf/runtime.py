@@ -471,12 +471,14 @@ class RippleLlama(llama_cpp.Llama):
         # the same for every try (each stream_layout parses the GGUF header)
         n_ctx = int(kwargs.get("n_ctx", 512) or 512)
         predictors = 0 if self._no_predictors or opts.all_active else predictor_bytes(pack, point, False)
-        staging = prompt_staging_bytes(model_path) if any(p for _, p in tries) else 0
+        any_prefill = any(p for _, p in tries)
+        two_layers = prompt_staging_bytes(model_path) if self._streamed or any_prefill else 0
+        staging = two_layers if any_prefill else 0
         total = None if opts.memory_budget is None else parse_size(opts.memory_budget)
-        # a smaller llama.cpp batch where the FFN room is short of two whole layers, even though chunked
-        # layers need less: its compute buffer is cache (a 0.5B-shaped Q8_0 at 75% of its size: 512-token
-        # batches left 86 MiB of cache, 64-token ones 143)
-        roomy = prompt_staging_bytes(model_path) if self._streamed else layout[1]
+        # the next (smaller) llama.cpp batch where the FFN room is below the minimum, or short of two whole
+        # layers where they stream, even though chunked layers need less: its compute buffer is cache (a
+        # 0.5B-shaped Q8_0 at 75% of its size: 512-token batches left 86 MiB of cache, 64-token ones 143)
+        roomy = two_layers if self._streamed else layout[1]
         for i, (ub, prefill) in enumerate(tries):
             try:
                 default_cache, split = default_cache_budget(
@@ -487,7 +489,7 @@ class RippleLlama(llama_cpp.Llama):
                     raise
                 continue
             split["n_ubatch"] = ub
-            if not split.get("below_minimum") and (split["ffn_room"] is None or split["ffn_room"] - predictors >= roomy):
+            if split["ffn_room"] is None or split["ffn_room"] - predictors >= roomy:  # (>= the minimum)
                 break
         # no staging where no batch can be that long (llama.cpp splits batches into n_ubatch tokens)
         self._prefill_tokens = prefill if prefill and prefill <= ub else 0

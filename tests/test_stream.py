@@ -103,6 +103,22 @@ def test_streamed_dense_is_bit_identical_to_stock(packed, model, outtype):
             assert st["bytes_read"] == 0 and trace == [], what
 
 
+def test_a_budget_of_every_ffn_tensor_holds_every_streamed_layer(packed):
+    """The streamed layers' reads are 4 KiB-aligned ranges, a few KiB a layer more than the tensors: a
+    budget of the FFN's tensor bytes (the whole GGUF's room, as bench e2e gives it at 100%) fell those
+    KiB short and streamed three layers every token (a 0.5B-shaped Q8_0 at 100%: 0.48x stock); a page
+    less streams."""
+    from ripple_gguf.memory_budget import gguf_ffn_split
+    path = packed("tiny-llama-swiglu", "q8_0")
+    ffn, _ = gguf_ffn_split(str(path))
+    held = {}
+    for budget in (ffn, ffn - 4096):
+        llm = RippleLlama(path, stream_dense=True, cache_size=budget, **KW)
+        held[budget] = llm.ripple_stats()["resident_layers"]
+        llm.close()
+    assert held[ffn] == 4 and held[ffn - 4096] < 4
+
+
 def test_defaults_stream_a_dense_point(packed):
     """At an operating point that computes every neuron (--quality 0%), the runtime streams the GGUF's
     own FFN tensors instead of the pack's bundles: the stock path's numbers, bit for bit."""

@@ -196,10 +196,6 @@ def cache_budget(budget: int, info: dict) -> tuple[int, bool]:
     """The neuron cache that keeps ripple's weights within `budget`: what is left after the non-FFN
     weights (mmap'd) and the predictors, floored at one layer's working set (the runtime's minimum)."""
     want = min(budget - info["non_ffn_bytes"] - info["predictor_bytes"], info["max_cache_bytes"])
-    if info["streamed"] and want >= info["ffn_bytes"]:
-        # room for every FFN tensor: the streamed layers' 4 KiB-aligned ranges are a few KiB a layer more
-        # (max_cache_bytes), and a budget that short of them streams three layers every token
-        want = info["max_cache_bytes"]
     return max(want, info["min_cache_bytes"]), want < info["min_cache_bytes"]
 
 
