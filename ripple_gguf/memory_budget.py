@@ -180,7 +180,7 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
         given = f"{total / MIB:.0f} MiB" if total >= MIB else f"{total} bytes"
         raise RippleError(f"memory budget {given} cannot hold what the runtime cannot give back "
                           f"(KV cache {kv_bytes / MIB:.0f} MiB for {n_ctx} tokens, compute and runtime "
-                          f"{(compute + RUNTIME_MAPPED + predictor_bytes) / MIB:.0f} MiB, one layer of neuron cache "
+                          f"{(compute + RUNTIME_MAPPED + predictor_bytes) / MIB:.0f} MiB, the minimum neuron cache "
                           f"{minimum / MIB:.1f} MiB, a 10% margin), even with the non-FFN weights "
                           f"({other / MIB:.0f} MiB) mapped: pass --memory-budget {-(-need // MIB)}MiB or more, "
                           f"or a smaller --ctx")

@@ -26,6 +26,9 @@ from .predictor import LayerPredictor
 PACK_VERSION = 3  # 2: per-layer, per-part row types (any ggml type), checksums; 3: records in placement order of the unpermuted GGUF (ripple.blk.{i}.order)
 PACK_ARCH = "ripple_pack"
 PACK_ALIGN = 4096
+# a neuron cache below one layer plans each layer in chunks of at least this many neurons (the runtime's
+# RIPPLE_PACK_MIN_CHUNK, llama-ripple-impl.h; tests compare the two)
+PACK_MIN_CHUNK = 256
 _EDGE = 64 * 1024
 REBUILD = "rebuild it with `ripple-gguf pack {gguf}`"
 HEADER_SUM = "header_sum"  # tensor holding the checksum of the pack's header (last in the file)
@@ -333,7 +336,13 @@ class Pack:
 
     @property
     def min_cache_bytes(self) -> int:
-        """The smallest neuron cache the runtime accepts: one whole layer of slots."""
+        """The smallest neuron cache the runtime accepts: one chunk of slots (RIPPLE_PACK_MIN_CHUNK in
+        llama-ripple-impl.h; below one layer the runtime plans each layer in chunks)."""
+        return min(max(self.n_ff), PACK_MIN_CHUNK) * self.bundle_bytes
+
+    @property
+    def layer_cache_bytes(self) -> int:
+        """A neuron cache that plans every layer whole: one layer of slots."""
         return max(self.n_ff) * self.bundle_bytes
 
     @property

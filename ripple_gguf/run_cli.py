@@ -346,6 +346,12 @@ def print_mode_note(args, llm, out) -> None:
         how = f"in {st['ffn_chunks']} row chunks, several ahead" if st.get("ffn_chunks") else "whole, one layer ahead"
         where = "all in memory" if held >= n_layer else f"{held} of {n_layer} layers in memory, the rest streamed {how}"
         print(f"FFN: every neuron, llama.cpp's kernels over the GGUF's own FFN tensors: {where}", file=out)
+    elif llm.ripple_active and not stock:
+        st = llm.ripple_stats()
+        if st.get("neuron_chunks"):
+            print(f"FFN: the pack's bundles; the cache ({st['cache_bytes'] / 2**20:.1f} MiB) holds less than one "
+                  f"layer, so each layer is planned and computed in {st['neuron_chunks'] // llm.ripple_pack.n_layer} "
+                  "chunks", file=out)
 
 
 def point_line(pt: dict) -> str:

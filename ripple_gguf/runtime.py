@@ -171,8 +171,9 @@ class RippleOptions:
 
 def ffn_layout(model_path: str, pack: Pack, streamed: bool, chunk_bytes: int | None = None) -> tuple[int, int]:
     """(the whole FFN's bytes, the smallest FFN cache the runtime accepts) where the FFN runs from: the
-    pack's bundles (one layer of slots) or, streamed dense, the GGUF's own tensors (two staging buffers
-    of at most a layer: larger layers are read in row chunks)."""
+    pack's bundles (one chunk of slots: a cache below one layer plans each layer in chunks) or, streamed
+    dense, the GGUF's own tensors (two staging buffers of at most a layer: larger layers are read in row
+    chunks)."""
     from .memory_budget import stream_layout
     return stream_layout(model_path, chunk_bytes) if streamed else (pack.every_slot_bytes, pack.min_cache_bytes)
 
@@ -194,7 +195,7 @@ def budget_bytes(layout: tuple[int, int], opts: RippleOptions) -> int:
         return ffn
     if budget < minimum:
         raise RippleError(f"FFN cache {fmt_bytes(budget)} ({budget} bytes) is below what one batch needs; "
-                          f"the minimum for this model is {fmt_bytes(minimum)} ({minimum} bytes: one layer of neurons, "
+                          f"the minimum for this model is {fmt_bytes(minimum)} ({minimum} bytes: one chunk of neurons, "
                           "or two staging buffers where a dense point streams them): pass "
                           f"--cache-size {minimum} or more (or --cache-ratio {minimum / ffn:.3f})")
     return budget
@@ -475,10 +476,11 @@ class RippleLlama(llama_cpp.Llama):
         two_layers = prompt_staging_bytes(model_path) if self._streamed or any_prefill else 0
         staging = two_layers if any_prefill else 0
         total = None if opts.memory_budget is None else parse_size(opts.memory_budget)
-        # the next (smaller) llama.cpp batch where the FFN room is below the minimum, or short of two whole
-        # layers where they stream, even though chunked layers need less: its compute buffer is cache (a
-        # 0.5B-shaped Q8_0 at 75% of its size: 512-token batches left 86 MiB of cache, 64-token ones 143)
-        roomy = two_layers if self._streamed else layout[1]
+        # the next (smaller) llama.cpp batch where the FFN room is short of two whole layers where they
+        # stream, of one layer of bundles where not, even though chunked layers need less: its compute
+        # buffer is cache (a 0.5B-shaped Q8_0 at 75% of its size: 512-token batches left 86 MiB of cache,
+        # 64-token ones 143)
+        roomy = two_layers if self._streamed else pack.layer_cache_bytes
         for i, (ub, prefill) in enumerate(tries):
             try:
                 default_cache, split = default_cache_budget(

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from ripple_gguf.errors import RippleError
-from ripple_gguf.pack import open_pack, pack_path_for
+from ripple_gguf.pack import PACK_MIN_CHUNK, open_pack, pack_path_for
 from ripple_gguf.runtime import TIGHT_UBATCH, RippleLlama, parse_size, ripple_lib
 
 from conftest import CALIB, FIXTURES, HELDOUT, MODELS, ROOT, all_logits, prompts, run_cli
@@ -48,6 +48,7 @@ KW = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
 # its bundles and predictor where such a point would stream the GGUF's own FFN, stream_prefill=0 for
 # prompt batches too (test_stream.py)
 PACK = dict(cache_ratio=1.0, stream_dense=False, stream_prefill=0)
+PACK_AT_CACHE = dict(stream_dense=False, stream_prefill=0)  # the same with a cache size of the test's own
 
 
 # --- sparse == dense --------------------------------------------------------------------------------
@@ -328,6 +329,29 @@ def test_a_streamed_ffn_below_two_layers_runs_in_chunks_within_its_budget(big_mo
 
 
 @pytest.mark.slow
+def test_a_pack_cache_below_one_layer_runs_in_chunks_within_its_budget(big_model):
+    """The pack's bundles needed a cache of one whole layer (12 MiB here; a 7B's ~130 MiB at Q4_K_M); a
+    4 MiB cache now plans, reads and computes each layer in chunks: the same greedy tokens as a one-layer
+    cache, peak RSS within the non-FFN weights, the cache and the stated overhead."""
+    budget = 4 * 2**20
+    runs = {}
+    for name, cache in (("chunked", budget), ("one layer", 13 * 2**20)):
+        proc = run_cli("run", big_model, "-p", "import os\n", "-n", 16, "--ctx", 256, "--json", "--all-active",
+                       "--cache-size", str(cache), "--direct-io", check=True, timeout=900)
+        runs[name] = json.loads(proc.stdout)
+    c, w = runs["chunked"], runs["one layer"]
+    m, st = c["memory"], c["ripple"]
+    grew = m["peak_rss_bytes"] - m["rss_before_load_bytes"]
+    bound = m["gguf_non_ffn_bytes"] + budget + m["runtime_overhead_bytes"] + STATED_OVERHEAD
+    print(f"chunked: {st['neuron_chunks']} plans, cache {st['cache_bytes'] / 2**20:.1f} MiB, peak RSS grew "
+          f"{grew / 2**20:.1f} MiB (bound {bound / 2**20:.1f}), {c['generation']['tokens_per_s']} tokens/s "
+          f"(one layer: {w['generation']['tokens_per_s']})")
+    assert not st["stream_dense"] and st["neuron_chunks"] > 0 and w["ripple"]["neuron_chunks"] == 0
+    assert not st["error"] and st["cache_bytes"] <= budget and grew <= bound and grew < m["gguf_ffn_bytes"]
+    assert c["tokens"] == w["tokens"]
+
+
+@pytest.mark.slow
 def test_peak_rss_stays_under_non_ffn_weights_plus_budget(big_model):
     budget = 16 * 2**20  # the FFN is 96 MiB; one layer's working set is 12 MiB
     runs = {}
@@ -352,18 +376,53 @@ def test_peak_rss_stays_under_non_ffn_weights_plus_budget(big_model):
     assert dense_grew > m["gguf_ffn_bytes"]  # ... while the stock path maps all of it
 
 
-def test_budget_below_one_layer_is_refused_with_the_minimum(packed):
+def test_budget_below_one_chunk_is_refused_with_the_minimum(packed):
     path = packed("tiny-llama-swiglu", "f32")
     pk = open_pack(path)
-    minimum = max(pk.n_ff) * pk.bundle_bytes
+    minimum = PACK_MIN_CHUNK * pk.bundle_bytes
+    assert pk.min_cache_bytes == minimum < pk.layer_cache_bytes
     with pytest.raises(RippleError, match=f"minimum.*{minimum} bytes"):
-        RippleLlama(path, cache_size=minimum - 1, **KW)
+        RippleLlama(path, cache_size=minimum - 1, **PACK_AT_CACHE, **KW)
     proc = run_cli("run", path, "-p", "x", "--cache-size", "1KiB")
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and str(minimum) in proc.stderr
-    llm = RippleLlama(path, cache_size=minimum, **KW)  # exactly one layer works
+    llm = RippleLlama(path, cache_size=minimum, **PACK_AT_CACHE, **KW)  # exactly one chunk works
     llm.create_completion("def ", max_tokens=8, temperature=0.0)
-    assert llm.ripple_stats()["cache_slots"] == max(pk.n_ff)
+    st = llm.ripple_stats()
     llm.close()
+    # the library's minimum is the one Python mirrors (RIPPLE_PACK_MIN_CHUNK)
+    assert st["cache_slots"] == PACK_MIN_CHUNK and st["min_budget"] == minimum and not st["error"]
+
+
+@pytest.mark.parametrize("model", FIXTURES)
+def test_a_cache_below_one_layer_plans_each_layer_in_chunks(packed, model):
+    """A batch's union of active neurons larger than the cache used to be refused (one layer minimum): each
+    layer is now planned, read and computed in equal shares of at least PACK_MIN_CHUNK neurons, one after
+    another. The same neurons are selected and the logits are the one-layer cache's up to summation order,
+    predictor on and off, prompt batches and decodes, at 1 and 3 threads (measured: <= 1.3e-4 relative)."""
+    path = packed(model, "f32")
+    pk = open_pack(path)
+    slots = PACK_MIN_CHUNK + 44  # below one layer (512 / 1024 neurons): shares of 256
+    shares = -(-max(pk.n_ff) // PACK_MIN_CHUNK)
+    for extra in ({}, {"all_active": True}):
+        res = {}
+        for threads, cache in ((2, pk.layer_cache_bytes), (1, slots * pk.bundle_bytes), (3, slots * pk.bundle_bytes)):
+            llm = RippleLlama(path, cache_size=cache, pin_percent=0, logits_all=True, **PACK_AT_CACHE, **extra,
+                              **{**KW, "n_threads": threads, "n_threads_batch": threads})
+            ps = prompts(llm, n=2, length=40)
+            res[threads] = (all_logits(llm, ps), chunked_logits(llm, ps, 1), chunked_logits(llm, ps, 5)), llm.ripple_stats()
+            llm.close()
+        (ref, ref_st) = res[2]
+        assert ref_st["neuron_chunks"] == 0 and not ref_st["error"]
+        for threads in (1, 3):
+            got, st = res[threads]
+            assert st["neuron_chunks"] == shares * pk.n_layer and st["cache_slots"] == slots and not st["error"]
+            # the same selection, but for scores at the threshold moved by the summation order's rounding
+            assert st["predicted_density"] == pytest.approx(ref_st["predicted_density"], rel=1e-4)
+            assert st["predicted_density"] == 1.0 if extra else st["predicted_density"] < 1.0
+            for name, a, b in zip(("batched", "token by token", "5 per decode"), got, ref):
+                rel = float(np.abs(a - b).max() / np.abs(b).max())
+                print(f"{model} {extra} {threads} threads {name}: max rel diff {rel:.1e}")
+                assert rel <= 1e-3 and (a.argmax(1) == b.argmax(1)).mean() >= 0.99
 
 
 def test_parse_size():

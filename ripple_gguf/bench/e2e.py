@@ -194,7 +194,7 @@ def model_info(gguf: str, text_path: str, need_tokens: int) -> dict:
 
 def cache_budget(budget: int, info: dict) -> tuple[int, bool]:
     """The neuron cache that keeps ripple's weights within `budget`: what is left after the non-FFN
-    weights (mmap'd) and the predictors, floored at one layer's working set (the runtime's minimum)."""
+    weights (mmap'd) and the predictors, floored at the runtime's minimum (one chunk of neurons, or two staging buffers)."""
     want = min(budget - info["non_ffn_bytes"] - info["predictor_bytes"], info["max_cache_bytes"])
     return max(want, info["min_cache_bytes"]), want < info["min_cache_bytes"]
 

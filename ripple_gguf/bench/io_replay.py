@@ -4,7 +4,7 @@
    placement (`convert --placement`, with the calibration its index records) into a scratch directory.
    identity = LLM in a flash's per-neuron bundles in model order; frequency = hot first; coactivation =
    the converter's default (Ripple's order).
-2. For each placement, neuron-cache size (the runtime's minimum, one layer; 25% and 50% of the FFN
+2. For each placement, neuron-cache size (one layer, the least that plans each layer whole; 25% and 50% of the FFN
    bytes) and merging on/off (merge_gap_bytes 0 vs the probed cost model's t0 x BW): a RippleLlama with
    O_DIRECT reads decodes the held-out tokens one at a time (teacher-forced, at the stored operating
    point nearest `density`: a pack whose default computes every neuron would read the whole FFN in
@@ -29,7 +29,7 @@ from ..errors import RippleError
 from ..iocost import CostModel
 
 PLACEMENTS = ("identity", "frequency", "coactivation")
-BUDGETS = (0.0, 0.25, 0.5)  # share of the FFN bytes; 0 = the runtime's minimum (one layer)
+BUDGETS = (0.0, 0.25, 0.5)  # share of the FFN bytes; 0 = one layer (the least that plans each layer whole)
 
 
 def calibration_of(index, calib: list[str] | None) -> dict:
@@ -81,7 +81,7 @@ def run_config(gguf: Path, pk, tokens: list[int], cache_share: float, merge: boo
     merging on or off; `pk` the GGUF's pack, verified once); its counters per token."""
     from ..cgroup import drop_file_cache
     from ..runtime import RippleLlama
-    cache = max(pk.min_cache_bytes, int(cache_share * pk.ffn_pack_bytes))
+    cache = max(pk.layer_cache_bytes, int(cache_share * pk.ffn_pack_bytes))  # at least one layer: each planned whole
     drop_file_cache(pk.path)
     kw = dict(n_threads=threads) if threads else {}
     llm = RippleLlama(str(gguf), pack=pk, cache_size=cache, io_threads=io_threads, direct_io=direct,

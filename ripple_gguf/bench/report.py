@@ -58,7 +58,7 @@ def plot_io(io: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     budgets = sorted({c["budget"] for c in io["configs"]})
     pick = {(c["placement"], c["merge"], c["budget"]): c for c in io["configs"]}
-    x = [100 * pick[("coactivation", True, b)]["cache_share"] for b in budgets]  # the minimum: one layer's share
+    x = [100 * pick[("coactivation", True, b)]["cache_share"] for b in budgets]  # the least: one layer's share
     for place, color in (("identity", "tab:red"), ("frequency", "tab:orange"), ("coactivation", "tab:blue")):
         for merge, style in ((False, "--"), (True, "-")):
             y = [1e3 * pick[(place, merge, b)]["io_s_per_token"] for b in budgets]
@@ -257,7 +257,7 @@ def scale_targets(scale: dict | None) -> list[tuple[str, str, str, str]]:
 # ----------------------------------------------------------------------------- markdown
 
 def _cache_label(budget) -> str:
-    return "min (one layer)" if float(budget) == 0 else f"{100 * float(budget):.0f}%"
+    return "one layer" if float(budget) == 0 else f"{100 * float(budget):.0f}%"
 
 
 def _io_table(io: dict) -> list[str]:
@@ -330,8 +330,8 @@ def render(result: dict, doc_dir: Path) -> str:
               "perplexity on calibration text), once per placement, neuron-cache "
               "size and merging setting; the figures are its own counters. The other placements are the same "
               f"weights converted with `--placement` and the same calibration ({md.get('calib_source', '')}). Cache: "
-              "the runtime's (half pinned to the hottest neurons, half S3-FIFO); the smallest is its minimum, one "
-              f"layer. Merging at QD {io['io_threads']}: t0 {io['cost_model']['t0_us']:.1f} us, "
+              "the runtime's (half pinned to the hottest neurons, half S3-FIFO); the smallest is one layer, the "
+              f"least that plans each layer whole. Merging at QD {io['io_threads']}: t0 {io['cost_model']['t0_us']:.1f} us, "
               f"{io['cost_model']['bw_mbps']:.0f} MB/s, gaps < {io['cost_model']['merge_gap_bytes'] / 1024:.1f} KiB. "
               f"Oracle: the needed (missed) bytes in one sequential pass at {io['seq_bw_mbps']:.0f} MB/s.", "",
               f"![I/O time per token]({m['plot_io']})", "", *_io_table(io), ""]
@@ -357,7 +357,7 @@ def render(result: dict, doc_dir: Path) -> str:
                   f"mode's own non-weight memory measured unconfined (stock {e2e['overheads']['stock'] / 2**20:.1f} MiB, "
                   f"ripple {e2e['overheads']['ripple'] / 2**20:.1f} MiB, each incl. {e2e['settings']['slack_bytes'] / 2**20:.0f} MiB slack). "
                   "Rows `ripple-same-ram` give ripple stock's limit instead: one emulated device for both, so ripple's "
-                  "extra fixed memory comes out of its neuron cache (or, below its one-layer minimum, makes it run out "
+                  "extra fixed memory comes out of its neuron cache (or, below its minimum, makes it run out "
                   "of memory). At real model sizes a few MiB of fixed memory vanish in the budget; at this size they do not. "
                   f"Ripple's weights are the non-FFN tensors ({e2e['model']['non_ffn_bytes'] / 2**20:.1f} MiB; read into "
                   "memory where the neuron cache fits after them, else mapped: see the mode column), the "

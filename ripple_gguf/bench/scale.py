@@ -11,7 +11,7 @@ predictor score).
    warm     the runtime with the whole FFN cached, at densities 0..1 (0 isolates the rest of the
             model: FFN time(d) = t(d) - t(0)); and every neuron with the predictor off, so the
             predictor's cost per token = t(floor 1) - t(all neurons, no predictor);
-   cold     the runtime's minimum cache (one layer) with O_DIRECT: reads, bytes and I/O time.
+   cold     a cache of one layer (each planned whole) with O_DIRECT: reads, bytes and I/O time.
 3. Placement of one n_ff 14336 layer on synthetic clustered activity (own process: its peak RSS).
 4. Projections (labelled so): tokens/s of an 8B and a 70B model at 50% of their size in memory on
    this disk, NVMe and a UFS 4.0 phone, from the measured per-layer costs; next to stock llama.cpp,
@@ -163,7 +163,7 @@ def measure_type(gguf: Path, densities, n_tok: int, threads: int, cost: CostMode
     finally:
         llm.close()
     cold = []
-    llm = RippleLlama(str(gguf), pack=pk, cache_size=pk.min_cache_bytes, direct_io=True, warm_cache=False,
+    llm = RippleLlama(str(gguf), pack=pk, cache_size=pk.layer_cache_bytes, direct_io=True, warm_cache=False,
                       t0_us=cost.t0_us, bw_mbps=cost.bw_mbps, stock_when_dense=False, resident_weights=True, **common)
     try:
         for d in densities[1:]:

@@ -15,7 +15,7 @@ def render_scale(r: dict) -> list[str]:
          "its top ceil(d x n_ff) neurons by predictor score). Per point: "
          f"{r['tokens']} tokens decoded one at a time, {r['threads']} threads. Warm: the whole FFN in the "
          "neuron cache; the FFN's time is the token's time minus the same model's at density 0. Cold: the "
-         "runtime's minimum cache (one layer: half the model's FFN here, so at low densities most neurons stay cached from token to token; see the hit rate) and O_DIRECT reads of the pack.", ""]
+         "cache of one layer (each planned whole; half the model's FFN here, so at low densities most neurons stay cached from token to token; see the hit rate) and O_DIRECT reads of the pack.", ""]
     for t, m in r["measured"].items():
         pred, dense = m["predictor_s_per_layer"], m["dense_ffn_s_per_layer"]
         pred_txt = (f"{1e3 * pred:.3f} ms per layer ({pred / dense:.0%} of the dense FFN)" if pred and dense and pred > 0
