@@ -305,6 +305,20 @@ def test_opening_and_running_never_reads_the_gguf_ffn(big_model, weights):
     assert ran < other + 0.1 * ffn  # the non-FFN weights, not the FFN (read-around once pulled in ~30%)
 
 
+def run_json(model, budget_args, n=16) -> dict:
+    proc = run_cli("run", model, "-p", "import os\n", "-n", n, "--ctx", 256, "--json", *budget_args,
+                   check=True, timeout=900)
+    return json.loads(proc.stdout)
+
+
+def rss_growth_and_bound(run: dict, budget: int) -> tuple[int, int]:
+    """How much a `run --json`'s peak RSS grew over the load, and what it may grow by: the non-FFN
+    weights, the cache budget, the runtime's reported overhead and the stated rest."""
+    m = run["memory"]
+    return (m["peak_rss_bytes"] - m["rss_before_load_bytes"],
+            m["gguf_non_ffn_bytes"] + budget + m["runtime_overhead_bytes"] + STATED_OVERHEAD)
+
+
 @pytest.mark.slow
 def test_a_streamed_ffn_below_two_layers_runs_in_chunks_within_its_budget(big_model):
     """At a dense point the FFN streams from the GGUF; a cache smaller than two of its 12 MiB layers was
@@ -312,15 +326,10 @@ def test_a_streamed_ffn_below_two_layers_runs_in_chunks_within_its_budget(big_mo
     greedy tokens as the stock path, peak RSS within the non-FFN weights, the cache and the stated
     overhead, nothing of the FFN resident."""
     budget = 8 * 2**20
-    runs = {}
-    for name, extra in (("chunked", ["--quality", "0%", "--cache-size", str(budget), "--direct-io"]), ("dense", ["--dense"])):
-        proc = run_cli("run", big_model, "-p", "import os\n", "-n", 16, "--ctx", 256, "--json", *extra,
-                       check=True, timeout=900)
-        runs[name] = json.loads(proc.stdout)
-    c, d = runs["chunked"], runs["dense"]
+    c = run_json(big_model, ["--quality", "0%", "--cache-size", str(budget), "--direct-io"])
+    d = run_json(big_model, ["--dense"])
     m, st = c["memory"], c["ripple"]
-    grew = m["peak_rss_bytes"] - m["rss_before_load_bytes"]
-    bound = m["gguf_non_ffn_bytes"] + budget + m["runtime_overhead_bytes"] + STATED_OVERHEAD
+    grew, bound = rss_growth_and_bound(c, budget)
     print(f"chunked: {st['ffn_chunks']} chunks, cache {st['cache_bytes'] / 2**20:.1f} MiB, peak RSS grew "
           f"{grew / 2**20:.1f} MiB (bound {bound / 2**20:.1f}), {c['generation']['tokens_per_s']} tokens/s")
     assert st["stream_dense"] and st["ffn_chunks"] > 0 and st["resident_layers"] == 0 and not st["error"]
@@ -334,15 +343,9 @@ def test_a_pack_cache_below_one_layer_runs_in_chunks_within_its_budget(big_model
     4 MiB cache now plans, reads and computes each layer in chunks: the same greedy tokens as a one-layer
     cache, peak RSS within the non-FFN weights, the cache and the stated overhead."""
     budget = 4 * 2**20
-    runs = {}
-    for name, cache in (("chunked", budget), ("one layer", 13 * 2**20)):
-        proc = run_cli("run", big_model, "-p", "import os\n", "-n", 16, "--ctx", 256, "--json", "--all-active",
-                       "--cache-size", str(cache), "--direct-io", check=True, timeout=900)
-        runs[name] = json.loads(proc.stdout)
-    c, w = runs["chunked"], runs["one layer"]
+    c, w = (run_json(big_model, ["--all-active", "--cache-size", str(cache), "--direct-io"]) for cache in (budget, 13 * 2**20))
     m, st = c["memory"], c["ripple"]
-    grew = m["peak_rss_bytes"] - m["rss_before_load_bytes"]
-    bound = m["gguf_non_ffn_bytes"] + budget + m["runtime_overhead_bytes"] + STATED_OVERHEAD
+    grew, bound = rss_growth_and_bound(c, budget)
     print(f"chunked: {st['neuron_chunks']} plans, cache {st['cache_bytes'] / 2**20:.1f} MiB, peak RSS grew "
           f"{grew / 2**20:.1f} MiB (bound {bound / 2**20:.1f}), {c['generation']['tokens_per_s']} tokens/s "
           f"(one layer: {w['generation']['tokens_per_s']})")
@@ -354,15 +357,9 @@ def test_a_pack_cache_below_one_layer_runs_in_chunks_within_its_budget(big_model
 @pytest.mark.slow
 def test_peak_rss_stays_under_non_ffn_weights_plus_budget(big_model):
     budget = 16 * 2**20  # the FFN is 96 MiB; one layer's working set is 12 MiB
-    runs = {}
-    for name, extra in (("sparse", ["--cache-size", str(budget)]), ("dense", ["--dense"])):
-        proc = run_cli("run", big_model, "-p", "import os\n", "-n", 24, "--ctx", 256, "--json", *extra,
-                       check=True, timeout=900)
-        runs[name] = json.loads(proc.stdout)
-    s, d = runs["sparse"], runs["dense"]
+    s, d = run_json(big_model, ["--cache-size", str(budget)], n=24), run_json(big_model, ["--dense"], n=24)
     m = s["memory"]
-    grew = m["peak_rss_bytes"] - m["rss_before_load_bytes"]
-    bound = m["gguf_non_ffn_bytes"] + budget + m["runtime_overhead_bytes"] + STATED_OVERHEAD
+    grew, bound = rss_growth_and_bound(s, budget)
     dense_grew = d["memory"]["peak_rss_bytes"] - d["memory"]["rss_before_load_bytes"]
     mib = 2**20
     print(f"FFN {m['gguf_ffn_bytes'] / mib:.1f} MiB, non-FFN {m['gguf_non_ffn_bytes'] / mib:.1f} MiB, budget "
