@@ -713,9 +713,9 @@ def test_serve_is_openai_compatible_on_loopback(packed):
 def test_default_settings_run_in_a_cgroup_smaller_than_the_model(big_model):
     """`ripple-gguf run model.gguf` with no budget flags on a machine with less memory than the model:
     the default cache comes from the cgroup's limit (not the whole FFN), and the run completes on the
-    pack path: resident non-FFN weights plus the allowances do not fit what the cgroup leaves (~90
-    MiB after the Python process), the pack path with them mapped and the minimum cache does (peaked
-    at 56 MiB of 120)."""
+    runtime (its default point is dense: the streamed FFN): resident non-FFN weights plus the allowances
+    do not fit what the cgroup leaves (~90 MiB after the Python process), the runtime with them mapped
+    and a smaller cache does."""
     from ripple_gguf.cgroup import MemoryCgroup
     from ripple_gguf.memory_budget import gguf_ffn_split
     ffn, other = gguf_ffn_split(str(big_model))
@@ -736,6 +736,33 @@ def test_default_settings_run_in_a_cgroup_smaller_than_the_model(big_model):
     assert "memory cgroup" in split["available_from"] and split["available"] <= limit
     assert split["cache"] < ffn and len(res["tokens"]) == 16
     assert res["mode"] == "sparse" and split["below_minimum"] and split["mapped_fits"], split
+
+
+@pytest.mark.slow
+def test_the_pack_runs_in_chunks_in_a_cgroup_too_small_for_one_layer(big_model):
+    """Every neuron on the pack's bundles (`--all-active`), default settings, in a 72 MiB cgroup: what is
+    left after the Python process and the runtime's fixed memory is far below one 12 MiB layer of
+    bundles (the former minimum: the stock path ran there). The cache is the minimum chunk of 256
+    neurons, every layer is planned in chunks, nothing is OOM-killed and the tokens are those of an
+    unconfined run with a one-layer cache."""
+    from ripple_gguf.cgroup import MemoryCgroup
+    limit = 72 * 2**20
+    cg = MemoryCgroup.create(limit)
+    if cg is None:
+        pytest.skip(MemoryCgroup.why_unavailable())
+    with cg:
+        proc = subprocess.run([sys.executable, "-m", "ripple_gguf.cli", "run", str(big_model), "-p", "import os\n",
+                               "-n", "16", "--ctx", "256", "--all-active", "--json"], preexec_fn=cg.preexec(),
+                              capture_output=True, text=True, timeout=600)
+        oom, peak = cg.oom_killed(), cg.peak_bytes()
+    assert proc.returncode == 0 and not oom, proc.stderr[-2000:]
+    res, layer = json.loads(proc.stdout), run_json(big_model, ["--all-active", "--cache-size", str(13 * 2**20)])
+    st = res["ripple"]
+    print(f"peak {(peak or 0) / 2**20:.1f} MiB of {limit / 2**20:.0f}; cache {st['cache_bytes'] / 2**10:.0f} KiB, "
+          f"{st['neuron_chunks']} plans, {res['generation']['tokens_per_s']} tokens/s")
+    assert res["operating_point"]["path"] == "pack" and st["neuron_chunks"] > 0 and not st["error"]
+    assert st["cache_bytes"] < open_pack(big_model).layer_cache_bytes
+    assert res["tokens"] == layer["tokens"]
 
 
 def test_available_memory_sees_the_cgroup_limit():
