@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from ripple_gguf.errors import RippleError
-from ripple_gguf.pack import open_pack, pack_path_for
+from ripple_gguf.pack import PACK_MIN_CHUNK, open_pack, pack_path_for
 from ripple_gguf.runtime import RippleLlama, ripple_lib
 
 from conftest import HELDOUT
@@ -45,6 +45,11 @@ def one_layer(path: Path) -> int:
     return max(pk.n_ff) * pk.bundle_bytes  # a cache of one layer: every token reads
 
 
+def cache_for(path: Path, chunked: bool) -> int:
+    """One layer, or less: each layer then planned in chunks of PACK_MIN_CHUNK (the fixture's n_ff is 512)."""
+    return (PACK_MIN_CHUNK + 44) * open_pack(path).bundle_bytes if chunked else one_layer(path)
+
+
 def tokens(llm, n: int) -> list[int]:
     out = []
     for t in llm.generate(llm.tokenize(PROMPT.encode()), temp=0.0, top_k=1):
@@ -54,9 +59,11 @@ def tokens(llm, n: int) -> list[int]:
     return out
 
 
-def test_read_error_mid_generation_is_a_ripple_error_naming_the_pack(model):
-    llm = RippleLlama(model, cache_size=one_layer(model), pin_percent=0, **KW)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_read_error_mid_generation_is_a_ripple_error_naming_the_pack(model, chunked):
+    llm = RippleLlama(model, cache_size=cache_for(model, chunked), pin_percent=0, **KW)
     assert len(tokens(llm, 4)) == 4
+    assert (llm.ripple_stats()["neuron_chunks"] > 0) == chunked
     assert ripple_lib().llama_ripple_inject_fault(llm.model, 3, errno.EIO) == 0
     with pytest.raises(RippleError, match=f"{pack_path_for(model)}.*(Input/output error|I/O error)"):
         tokens(llm, 8)
@@ -102,18 +109,21 @@ def test_llama_decode_returns_nonzero_when_a_read_fails(model):
     llm.close()
 
 
-def test_damaged_record_is_caught_when_first_read(model):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_damaged_record_is_caught_when_first_read(model, chunked):
     pk = open_pack(model)
-    il, p = 2, 77
+    il, p = 2, 300 if chunked else 77  # (chunked: in the layer's second chunk)
     with open(pk.path, "r+b") as f:  # one flipped bit in one record; the header and predictors are intact
         at = pk.bundle_offsets[il] + p * pk.layer_bundle_bytes[il] + 5
         f.seek(at)
         b = f.read(1)
         f.seek(at)
         f.write(bytes([b[0] ^ 0x04]))
-    llm = RippleLlama(model, all_active=True, warm_cache=False, pin_percent=0, **KW)  # loads; reads at first use
+    llm = RippleLlama(model, all_active=True, warm_cache=False, pin_percent=0, **KW,  # loads; reads at first use
+                      **({"cache_size": cache_for(model, True)} if chunked else {}))
     with pytest.raises(RippleError, match=f"layer {il} record {p} is damaged.*ripple-gguf verify"):
         llm.create_completion("def ", max_tokens=2)
+    assert (llm.ripple_stats()["neuron_chunks"] > 0) == chunked
     llm.close()
     with pytest.raises(RippleError, match=f"layer {il} record {p} is damaged"):  # warm: caught while loading
         RippleLlama(model, all_active=True, **KW)
