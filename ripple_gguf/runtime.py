@@ -288,8 +288,12 @@ TIGHT_UBATCH = 64  # llama.cpp's batch size where memory is tight (see RippleLla
 
 # Operating points at least this dense run llama.cpp's stock path unless a budget is given or the model
 # does not fit (see RippleLlama._stock_is_the_same), and on the runtime they compute every neuron with the
-# GGUF's own FFN tensors streamed (see streams)
-STOCK_PATH_DENSITY = 0.9
+# GGUF's own FFN tensors streamed (see streams). Measured on SmolLM2 F16 (README "Where the pack pays"):
+# at densities 0.92 / 0.89 / 0.83 / 0.72 the pack's merged reads carried the gaps between active neurons
+# (short runs, bundles under a 4 KiB page) and read as much a token as the streamed dense FFN, 148-152
+# MiB, at 0.57-0.85x its speed in cgroups of 50% and 35% of the model; warm, at 0.83 / 0.74, 0.66-0.72x
+# stock. The line was 0.9.
+STOCK_PATH_DENSITY = 0.7
 
 
 def streams(pk: Pack, point: int, stock_when_dense: bool = True, all_active: bool = False) -> bool:
@@ -592,6 +596,7 @@ class RippleLlama(llama_cpp.Llama):
         finally:
             self._ripple_busy.release()
         self.check_ripple()
+
 
     def ripple_stats(self) -> dict:
         """Counters since load (or the last ripple_reset_stats): tokens, reads (syscalls), bytes read

@@ -181,7 +181,7 @@ def test_pack_replaced_mid_generation(model, converted):
 
 def test_second_context_on_a_ripple_model_is_refused(model):
     import llama_cpp
-    llm = RippleLlama(model, **KW)
+    llm = RippleLlama(model, stock_when_dense=False, **KW)  # the runtime at the default point
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = 64
     assert not llama_cpp.llama_init_from_model(llm.model, params)  # NULL: refused, nothing shared

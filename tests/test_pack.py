@@ -353,4 +353,4 @@ def test_predictors_are_checked_where_they_are_read(converted, tmp_path):
     assert dense.ripple_point["path"] == "stock"
     dense.close()
     with pytest.raises(RippleError, match="predictor"):
-        RippleLlama(str(g), n_ctx=64, verbose=False, dense_fallback=False)
+        RippleLlama(str(g), quality="100%", n_ctx=64, verbose=False, dense_fallback=False)  # a sparse point

@@ -78,7 +78,9 @@ def test_pack_stores_points_within_budget_and_runtime_moves_along_them(converted
     assert n >= 4 and pk.op_density[0] == 1.0 and np.all(np.diff(pk.op_density) < 0)
     assert np.all(pk.op_ppl_increase[1:pk.op_default + 1] <= pk.op_budget)
     # stream_prefill=0: the prompts' batches at each point's own selection (not the dense FFN streamed)
-    llm = RippleLlama(str(path), pack=pk, n_ctx=256, verbose=False, stream_prefill=0)
+    # stock_when_dense=False: the predictors stay to move along the curve (the default point may be dense
+    # enough for the stock path otherwise)
+    llm = RippleLlama(str(path), pack=pk, n_ctx=256, verbose=False, stream_prefill=0, stock_when_dense=False)
     try:
         assert llm.ripple_point["index"] == pk.op_default and llm.ripple_point["default"]
         assert llm.ripple_point["path"] == "pack"  # every load says which computation runs the point
@@ -180,7 +182,7 @@ def test_per_token_floor_keeps_the_top_share_of_every_token(converted):
     path = str(converted(SWIGLU, "f16"))
     pk = verified_pack(path)
     lib = ripple_lib()
-    llm = RippleLlama(path, pack=pk, n_ctx=256, verbose=False, logits_all=True, stream_prefill=0)
+    llm = RippleLlama(path, pack=pk, n_ctx=256, verbose=False, logits_all=True, stream_prefill=0, stock_when_dense=False)
     try:
         ps = prompts(llm, n=2, length=48)
         high = np.full(pk.n_layer, 1e30, dtype=np.float32)

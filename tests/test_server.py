@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 KEY = "test-key-123"
-KW = dict(n_ctx=256, n_threads=2, seed=0, verbose=False)
+KW = dict(n_ctx=256, n_threads=2, seed=0, verbose=False, stock_when_dense=False)  # the runtime, not stock
 
 
 def free_port() -> int:

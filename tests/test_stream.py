@@ -135,6 +135,38 @@ def test_defaults_stream_a_dense_point(packed):
     assert out == ref
 
 
+def test_a_point_above_the_stock_path_density_streams_every_neuron(packed):
+    """Points at least STOCK_PATH_DENSITY dense compute every neuron from the GGUF's own tensors (the
+    stock path's tokens); sparser ones run on the pack. On SmolLM2 F16 the pack at densities 0.72-0.92
+    read as many bytes a token as the streamed FFN and ran slower (README "Where the pack pays"): with
+    the line at 0.9, `--quality` at such a point got the slower path and less quality."""
+    from ripple_gguf.runtime import STOCK_PATH_DENSITY
+    path = packed("tiny-llama-swiglu", "f16")
+    dense = RippleLlama(path, dense=True, **KW)
+    ref = dense.create_completion("Once upon a time", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    dense.close()
+    whole, _ = stream_layout(str(path))
+    from ripple_gguf.quality import ESTIMATE_SHARE
+    from ripple_gguf.runtime import choose_point, verified_pack
+    pk = verified_pack(str(path))
+    worst = np.maximum.accumulate(np.maximum(pk.op_ppl_increase, 0.0))
+    seen = {}  # every point a budget can reach: the sparsest whose denser points are all within it
+    for quality in sorted({f"{100 * w / ESTIMATE_SHARE + 1e-4:.6f}%" for w in worst[1:]}):
+        asked = float(pk.op_density[choose_point(pk, quality)])
+        llm = RippleLlama(path, quality=quality, cache_size=whole, **KW)
+        out = llm.create_completion("Once upon a time", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+        point, streamed = llm.ripple_point, llm.ripple_streamed
+        llm.close()
+        seen[round(asked, 3)] = streamed
+        assert streamed == (asked >= STOCK_PATH_DENSITY), (quality, asked)
+        if streamed:  # says so: every neuron, the dense point's numbers
+            assert point["density"] == 1.0 and point["path"] == "stream" and out == ref, (quality, point)
+        else:
+            assert point["density"] == asked and point["path"] == "pack", (quality, point)
+    assert any(STOCK_PATH_DENSITY <= d < 0.9 for d in seen), f"no fixture point between the lines: {seen}"
+    assert any(d < STOCK_PATH_DENSITY for d in seen), f"no fixture point below the line: {seen}"
+
+
 def output_range(path) -> tuple[int, int]:
     """The pages of the matrix the output multiplies by (token_embd where tied)."""
     ts = {t.name: t for t in open_header(str(path)).tensors}
