@@ -597,6 +597,22 @@ class RippleLlama(llama_cpp.Llama):
             self._ripple_busy.release()
         self.check_ripple()
 
+    def sample(self, *args, **kwargs):
+        # llama-cpp-python's sample() builds a sampler chain per call and drops it; the chain's
+        # llama.cpp side (a candidate array of n_vocab entries: 576 KiB on SmolLM2, 1.7 MiB on Qwen2's
+        # vocabulary) is freed only when Python's cycle collector gets to it, which a decode loop
+        # rarely triggers: 40 calls grew RssAnon 23 MiB, and a loop of them was OOM-killed in a cgroup
+        # where generate() ran. Close the temporary chain here, as soon as it has sampled.
+        if self._sampler is not None:
+            return super().sample(*args, **kwargs)
+        made, init = [], self._init_sampler
+        self._init_sampler = lambda *a, **k: made.append(init(*a, **k)) or made[-1]
+        try:
+            return super().sample(*args, **kwargs)
+        finally:
+            del self._init_sampler  # (the instance attribute: the class's method again)
+            for sampler in made:
+                sampler.close()
 
     def ripple_stats(self) -> dict:
         """Counters since load (or the last ripple_reset_stats): tokens, reads (syscalls), bytes read
