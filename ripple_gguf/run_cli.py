@@ -74,6 +74,10 @@ def _add_runtime_args(p, generation: bool = True) -> None:
                     "does not fit in the memory available; buffered reads would keep a second copy of the cache there)"),
                    ("--buffered-io", "read the pack through the page cache even where the model does not fit"))
     p.add_argument("--all-active", action="store_true", help="debug: predictor off, every neuron computed")
+    p.add_argument("--keep-pack", action="store_true",
+                   help="run the operating point on the pack's bundles with its predictors even where it is at least "
+                        "70%% dense (by default every neuron runs there, streamed or on llama.cpp's stock path: as "
+                        "fast or faster, exact): to measure the point itself, e.g. `eval --quality 5%% --keep-pack`")
     p.add_argument("--pin-percent", type=int, default=None,
                    help=f"share of the cache pinned to hot neurons ({default('pin_percent')}; 100 where every neuron "
                         "is computed)")
@@ -110,7 +114,7 @@ def _ripple_kwargs(args) -> dict:
                 t0_us=args.t0_us, bw_mbps=args.bw_mbps, merge_gap_bytes=args.merge_gap,
                 threshold_offset=args.threshold_offset, warm_cache=False if args.cold_cache else None,
                 read_ahead=False if args.no_read_ahead else None, quality=args.quality, stream_prefill=args.stream_prefill,
-                stock_when_dense=not getattr(args, "curve", False),  # the curve moves along every point
+                stock_when_dense=not (args.keep_pack or getattr(args, "curve", False)),  # the curve moves along every point
                 resident_weights=args.resident_weights)
 
 
