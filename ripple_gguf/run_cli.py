@@ -341,6 +341,10 @@ def print_mode_note(args, llm, out) -> None:
     if llm.ripple_point:  # (on the stock path its perplexity increase does not apply)
         print(point_line(llm.ripple_point) + ("; not in use: the stock path computes every neuron" if stock else ""),
               file=out)
+        if "asked" in llm.ripple_point:
+            print(f"instead of {point_line(llm.ripple_point['asked'])}: at that density the pack's reads carry the "
+                  "gaps between active neurons (as many bytes as every neuron), so every neuron runs, exact "
+                  "(--keep-pack runs the point itself)", file=out)
     if stock:
         print(f"stock path: {llm.ripple_dense_reason}", file=out)
     if llm.ripple_non_ffn:

@@ -394,6 +394,7 @@ class RippleLlama(llama_cpp.Llama):
                 direct_io = _direct_by_default(self.ripple_budget_split)
             if stock_when_dense and stream_dense is not True and self._stock_is_the_same(model_path, pack, point, opts, kwargs, resident):
                 return
+            asked = point
             if self._streamed:  # every neuron: the dense point, exact
                 point = 0
             lib = ripple_lib()
@@ -456,6 +457,8 @@ class RippleLlama(llama_cpp.Llama):
         self.ripple_pack = pack
         self.ripple_non_ffn = _describe_non_ffn(held, why_held, self.ripple_stats())
         self.ripple_set_point(point)
+        if asked != point:  # a sparse point at least STOCK_PATH_DENSITY dense: every neuron runs instead
+            self.ripple_point["asked"] = _point_info(pack, asked)
 
     def _split(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs) -> tuple[int, int, dict]:
         """(the FFN cache asked for, the default one, how the memory splits) for the FFN the runtime
@@ -544,7 +547,7 @@ class RippleLlama(llama_cpp.Llama):
         what = "computes every neuron" if density >= 1.0 else f"computes {100 * density:.0f}% of the neurons"
         return self._load_stock(model_path, kwargs, pack, point, (
             f"operating point {point} {what} and {fits}: llama.cpp's stock path, which computes every neuron "
-            "(pass --memory-budget to run this point on the pack)"))
+            "(--keep-pack, stock_when_dense=False, runs this point on the pack)"))
 
     def _load_stock(self, model_path: str, kwargs, pack: Pack, point: int, reason: str) -> bool:
         """Load the GGUF on llama.cpp's stock path at `point` (what ripple_stats reports), saying why."""

@@ -161,6 +161,7 @@ def test_a_point_above_the_stock_path_density_streams_every_neuron(packed):
         assert streamed == (asked >= STOCK_PATH_DENSITY), (quality, asked)
         if streamed:  # says so: every neuron, the dense point's numbers
             assert point["density"] == 1.0 and point["path"] == "stream" and out == ref, (quality, point)
+            assert asked == 1.0 or point["asked"]["density"] == asked  # and which point was asked for
         else:
             assert point["density"] == asked and point["path"] == "pack", (quality, point)
     assert any(STOCK_PATH_DENSITY <= d < 0.9 for d in seen), f"no fixture point between the lines: {seen}"
