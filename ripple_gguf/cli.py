@@ -58,7 +58,8 @@ def _print_pack_summary(p: dict) -> None:
     print("operating points (calibration text; `run --quality PCT` picks one at load time):")
     for i, op in enumerate(p["operating_points"]):
         mark = "  <- default" if i == p["default_point"] else ""
-        print(f"  density {op['density']:.3f}  perplexity {100 * op['ppl_increase']:+.2f}%{mark}")
+        share = f"  pack reads {100 * op['read_share']:.0f}% of the FFN bytes" if op['density'] < 1 else ""
+        print(f"  density {op['density']:.3f}  perplexity {100 * op['ppl_increase']:+.2f}%{share}{mark}")
 
 
 def _cmd_pack(args) -> dict:

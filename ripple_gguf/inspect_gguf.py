@@ -12,6 +12,7 @@ from .errors import RippleError
 from .gguf_io import ffn_weight_bytes, kv, open_header, read_ffn_layout
 from .index_keys import read_index
 from .placement import reads_by_method
+from .quality import every_neuron_pays
 from .profile import capture_layers, chunk_tokens, profile
 
 
@@ -57,8 +58,10 @@ def pack_info(path: Path, reader) -> dict | None:
             "overhead_vs_gguf": pk.file_bytes / path.stat().st_size, "bundle_bytes": pk.bundle_bytes,
             "weight_type": label, "predictor_bytes": pk.predictor_bytes,
             "predictor_vs_ffn": pk.predictor_bytes / ffn_bytes,
-            "operating_points": [{"density": round(float(d), 4), "ppl_increase": round(float(q), 5)}
-                                 for d, q in zip(pk.op_density, pk.op_ppl_increase)],
+            "operating_points": [{"density": round(float(d), 4), "ppl_increase": round(float(q), 5),
+                                  "read_share": None if pk.op_read_share is None else round(float(pk.op_read_share[i]), 4),
+                                  "every_neuron": every_neuron_pays(pk, i)}
+                                 for i, (d, q) in enumerate(zip(pk.op_density, pk.op_ppl_increase))],
             "default_point": pk.op_default, "max_ppl_increase": pk.op_budget,
             "train_tokens": pk.train_tokens, "validation_tokens": pk.eval_tokens,
             "validation": {k: [round(float(x), 4) for x in v] for k, v in pk.stats.items()}}
@@ -187,6 +190,8 @@ def format_report(info: dict) -> str:
                   f"    predictors {pk['predictor_bytes'] / 2**10:.0f} KiB = {100 * pk['predictor_vs_ffn']:.1f}% of the FFN bytes",
                   "    operating points (density: perplexity on calibration text; `run --quality PCT` picks one):"]
         lines += [f"      {op['density']:.3f}: {100 * op['ppl_increase']:+.2f}%"
+                  + (f", the pack reads {100 * op['read_share']:.0f}% of the FFN bytes" if op["read_share"] and op["density"] < 1 else "")
+                  + ("; runs every neuron (as fast, exact)" if op["every_neuron"] and op["density"] < 1 else "")
                   + (f"  <- default (budget {100 * pk['max_ppl_increase']:g}%)" if i == pk["default_point"] else "")
                   for i, op in enumerate(pk["operating_points"])]
         if pk["operating_points"][pk["default_point"]]["density"] >= 1.0:

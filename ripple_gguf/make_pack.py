@@ -17,7 +17,7 @@ from .ggml_quant import dequantize
 from .gguf_io import ffn_weight_bytes, kv, open_header, read_ffn_layout, tensor_bytes
 from .index_keys import read_index
 from .llama_capture import LlamaRunner
-from .pack import check_pack_types, pack_path_for, write_pack
+from .pack import check_pack_types, pack_path_for, record_layout, write_pack
 from .predictor import choose_pack_rank, evaluate, train_layer
 from .profile import capture_layers, chunk_tokens
 from .stages import Stages
@@ -119,7 +119,7 @@ def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarr
     with stages("operating points (perplexity per density)"):
         points = quality.operating_points(curves, ffn_bytes)
         points, dense_ppl = quality.measure(points, gguf_path, ppl_chunk_sets, opts.n_ctx, predictors, orders,
-                                            opts.max_ppl_increase)
+                                            opts.max_ppl_increase, record_layout(header, layout, opts.down_policy)[1])
         default = quality.choose(points, opts.max_ppl_increase)
     for p, t in zip(predictors, points[default].thresholds):
         p.threshold = float(t)
@@ -141,7 +141,8 @@ def pack_from_recording(gguf_path: Path, xs: list[np.ndarray], hs: list[np.ndarr
     return {"pack": str(out), "bytes": out.stat().st_size, "gguf_bytes": gguf_path.stat().st_size,
             "predictor_bytes": sum(p.nbytes for p in predictors), "ffn_bytes": sum(ffn_bytes),
             "train_tokens": n_train, "eval_tokens": n - n_tune,
-            "operating_points": [{"density": round(p.density, 4), "ppl_increase": round(p.ppl_increase, 5)} for p in points],
+            "operating_points": [{"density": round(p.density, 4), "ppl_increase": round(p.ppl_increase, 5),
+                                  "read_share": round(p.read_share, 4)} for p in points],
             "default_point": default, "calib_perplexity": dense_ppl,
             "per_layer": {k: [round(v, 4) for v in vals] for k, vals in stats.items()},
             "records": held if isinstance(held, dict) else None, "stages": dict(stages.times),

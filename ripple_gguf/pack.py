@@ -180,6 +180,21 @@ def check_pack_types(header: GGUFHeader, layout: FfnLayout) -> None:
             ggml_quant.fallback_type(qt, layout.n_embd)  # raises if ggml has no such type
 
 
+def record_layout(header: GGUFHeader, layout, down_policy: str = "auto") -> tuple[dict, list[int]]:
+    """({"gate"?, "up", "down", "down_source"} -> per-layer ggml types of a record's rows, per-layer
+    record bytes) of the pack write_pack makes for this GGUF."""
+    tensors = {t.name: t for t in header.tensors}
+    kinds = ("gate", "up") if layout.has_gate else ("up",)
+    types = {k: [] for k in ("gate", "up", "down", "down_source")}
+    for il in range(layout.n_layer):
+        for part in kinds:
+            types[part].append(QT(tensors[f"blk.{il}.ffn_{part}.weight"].tensor_type))
+        src = QT(tensors[f"blk.{il}.ffn_down.weight"].tensor_type)
+        types["down_source"].append(src)
+        types["down"].append(pack_down_type(src, layout.n_embd, down_policy))
+    return types, [sum(row_bytes(types[k][il], layout.n_embd) for k in (*kinds, "down")) for il in range(layout.n_layer)]
+
+
 def write_pack(gguf_path: Path, out: Path, orders: list[np.ndarray], predictors: list[LayerPredictor],
                stats: dict, meta: dict, progress: Callable[[int], None] | None = None,
                down_policy: str = "auto") -> dict:
@@ -193,14 +208,7 @@ def write_pack(gguf_path: Path, out: Path, orders: list[np.ndarray], predictors:
     tensors = {t.name: t for t in header.tensors}
     # record sizes follow from the types alone, so the header is written before any weight is read
     kinds = ("gate", "up") if layout.has_gate else ("up",)
-    types = {k: [] for k in ("gate", "up", "down", "down_source")}
-    for il in range(layout.n_layer):
-        for part in kinds:
-            types[part].append(QT(tensors[f"blk.{il}.ffn_{part}.weight"].tensor_type))
-        src = QT(tensors[f"blk.{il}.ffn_down.weight"].tensor_type)
-        types["down_source"].append(src)
-        types["down"].append(pack_down_type(src, layout.n_embd, down_policy))
-    bundle = [sum(row_bytes(types[k][il], layout.n_embd) for k in (*kinds, "down")) for il in range(layout.n_layer)]
+    types, bundle = record_layout(header, layout, down_policy)
     ranks = {int(p.w1.shape[0]) for p in predictors}
     if len(ranks) != 1:  # one ripple.pack.pred_rank: a reader would refuse the pack we wrote
         raise RippleError(f"predictors of different widths {sorted(ranks)}; the pack holds one rank for every layer")
@@ -227,6 +235,7 @@ def write_pack(gguf_path: Path, out: Path, orders: list[np.ndarray], predictors:
         "ripple.pack.op.ppl_increase": np.array([q.ppl_increase for q in meta["points"]], dtype=np.float32),
         "ripple.pack.op.thresholds": np.concatenate([q.thresholds for q in meta["points"]]).astype(np.float32),
         "ripple.pack.op.floor": np.array([q.floor for q in meta["points"]], dtype=np.float32),
+        "ripple.pack.op.read_share": np.array([q.read_share for q in meta["points"]], dtype=np.float32),
         "ripple.pack.pred_floor": float(meta["points"][meta["default_point"]].floor),
         "ripple.pack.op.default": int(meta["default_point"]),
         "ripple.pack.op.max_ppl_increase": float(meta["max_ppl_increase"]),
@@ -324,6 +333,8 @@ class Pack:
     file_bytes: int
     sum_offsets: list[int] = None    # absolute file offset of each layer's record checksums (u64[n_ff])
     orders: list[np.ndarray] = None  # per layer: the GGUF neuron each record holds
+    op_read_share: np.ndarray | None = None  # per operating point: FFN bytes the pack reads a token, uncached
+                                             # (ripple.pack.op.read_share; None in packs before it)
 
     @property
     def predictor_bytes(self) -> int:
@@ -546,9 +557,9 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
     return Pack(path, gguf_path, n_layer, n_embd, n_ff, has_gate, part_types, types["down_source"],
                 rel.astype(np.float64), [int(v) for v in bb], offsets, preds,
                 act_threshold.astype(np.float32), str(kv(r, "ripple.pack.activation", "")),
-                *ops, int(kv(r, "ripple.pack.train_tokens", 0)),
+                *ops[:-1], int(kv(r, "ripple.pack.train_tokens", 0)),
                 int(kv(r, "ripple.pack.eval.tokens", 0)), stats, groups, size, sum_offsets,
-                [o.astype(np.int64) for o in orders])
+                [o.astype(np.int64) for o in orders], ops[-1])
 
 
 def _operating_points(r, n_layer: int, default_thresholds: np.ndarray, path, fix: str):
@@ -561,6 +572,7 @@ def _operating_points(r, n_layer: int, default_thresholds: np.ndarray, path, fix
     default = kv(r, "ripple.pack.op.default")
     budget = kv(r, "ripple.pack.op.max_ppl_increase")
     pred_floor = kv(r, "ripple.pack.pred_floor")
+    share = kv_array(r, "ripple.pack.op.read_share")  # (packs before it have none: None)
     if (dens is None or ppl is None or thr is None or floor is None or not isinstance(default, int)
             or not isinstance(budget, float) or not isinstance(pred_floor, float)):
         raise RippleError(f"{path}: operating points missing; {fix}")
@@ -570,8 +582,11 @@ def _operating_points(r, n_layer: int, default_thresholds: np.ndarray, path, fix
             or not np.all(np.isfinite(thr)) or not np.all((dens > 0) & (dens <= 1)) or np.any(np.diff(dens) >= 0)
             or not np.array_equal(thr.reshape(n, n_layer)[default].astype(np.float32), default_thresholds.astype(np.float32))):
         raise RippleError(f"{path}: operating points malformed; {fix}")
+    if share is not None and (len(share) != n or not np.all((share > 0) & (share <= 1))):
+        raise RippleError(f"{path}: ripple.pack.op.read_share malformed; {fix}")
     return (dens.astype(np.float64), ppl.astype(np.float64), thr.reshape(n, n_layer).astype(np.float32),
-            floor.astype(np.float32), int(default), float(budget))
+            floor.astype(np.float32), int(default), float(budget),
+            None if share is None else share.astype(np.float64))
 
 
 def check_header_sum(r: GGUFHeader, path: Path, fix: str) -> None:

@@ -51,6 +51,8 @@ class OperatingPoint:
     floor: float = 0.0          # per-token floor: every token keeps at least this share of each layer
                                 # (its top by score). With one global threshold some tokens keep almost
                                 # nothing; on SmolLM2 a floor of ~0.6 halved the loss at equal density
+    read_share: float = 1.0     # share of the FFN's bytes the pack reads a token with no cache (read_bytes),
+                                # measured with `density`
 
 
 def layer_curve(scores: np.ndarray, h: np.ndarray, col_sq: np.ndarray) -> LayerCurve:
@@ -128,13 +130,40 @@ def parse_budget(text) -> float:
     return v
 
 
+# --- which computation runs a point -------------------------------------------------------------
+
+# Operating points at least this dense run llama.cpp's stock path unless a budget is given or the model
+# does not fit (see runtime.RippleLlama._stock_is_the_same), and on the runtime they compute every neuron with the
+# GGUF's own FFN tensors streamed (see runtime.streams). Measured on SmolLM2 F16 (README "Where the pack pays"):
+# at densities 0.92 / 0.89 / 0.83 / 0.72 the pack's merged reads carried the gaps between active neurons
+# (short runs, bundles under a 4 KiB page) and read as much a token as the streamed dense FFN, 148-152
+# MiB, at 0.57-0.85x its speed in cgroups of 50% and 35% of the model; warm, at 0.83 / 0.74, 0.66-0.72x
+# stock. The line was 0.9.
+STOCK_PATH_DENSITY = 0.7
+# ... and so do sparser ones where the pack would read at least this share of the FFN's bytes anyway
+# (ripple.pack.op.read_share: its runs merged across gaps under a page; packs before it have none)
+STREAM_READ_SHARE = 0.9
+
+
+def every_neuron_pays(pk, point: int) -> bool:
+    """Is every neuron (streamed, or stock where the model fits) the better computation of stored point
+    `point`: dense enough (STOCK_PATH_DENSITY), or its active neurons so scattered that the pack would
+    read nearly every byte anyway (STREAM_READ_SHARE)?"""
+    share = pk.op_read_share
+    return float(pk.op_density[point]) >= STOCK_PATH_DENSITY or \
+        (share is not None and float(share[point]) >= STREAM_READ_SHARE)
+
+
+
 # --- selection rules applied inside llama.cpp's graph (LlamaRunner.ffn_mask) ------------------------
 
-def predictor_rule(predictors, orders, thresholds, floor: float = 0.0, counts: list | None = None):
+def predictor_rule(predictors, orders, thresholds, floor: float = 0.0, counts: list | None = None,
+                   record_bytes: list[int] | None = None):
     """The runtime's rule: pack position p of layer l computed when its predictor score >
     thresholds[l], or when it is among the token's top ceil(floor * n_ff) scores; the mask is put
     back into the GGUF's neuron order (position p holds neuron orders[l][p]). `counts` ([computed,
-    total]) accumulates the density it selects."""
+    total], and with `record_bytes`, the pack's bytes per record of each layer: [..., bytes read,
+    bytes of every record]) accumulates the density it selects and what the pack would read for it."""
     def rule(il, x, gate, h):
         s = predictors[il].scores(x)
         m = s > thresholds[il]
@@ -143,8 +172,35 @@ def predictor_rule(predictors, orders, thresholds, floor: float = 0.0, counts: l
         if counts is not None:
             counts[0] += m.sum()
             counts[1] += m.size
+            if record_bytes is not None:
+                counts[2] += read_bytes(m, record_bytes[il])
+                counts[3] += m.size * record_bytes[il]
         return in_gguf_order(orders[il], m)
     return rule
+
+
+PAGE = 4096
+
+
+def read_bytes(mask: np.ndarray, record: int) -> int:
+    """Bytes the pack's direct reads take for the selected records (tokens x n_ff, pack order; records
+    of `record` bytes back to back) with no cache: each token's runs of selected records, merged across
+    gaps shorter than a page, widened to whole 4 KiB pages (O_DIRECT). The least the runtime can read
+    (its merge gap is t0 x bandwidth, at least this): where it is most of the layer, the pack cannot
+    read less than every neuron streamed (SmolLM2 F16 at density 0.72: 149 of 152 MiB a token)."""
+    m = np.asarray(mask, dtype=bool)
+    n = m.shape[1]
+    idx = np.flatnonzero(m)
+    if idx.size == 0:
+        return 0
+    row, pos = idx // n, idx % n
+    # a run ends where the next selected record is on another token or more than a page further on
+    brk = (row[1:] != row[:-1]) | ((pos[1:] - pos[:-1] - 1) * record >= PAGE)
+    first = np.concatenate(([0], np.flatnonzero(brk) + 1))
+    last = np.concatenate((np.flatnonzero(brk), [idx.size - 1]))
+    lo = pos[first].astype(np.int64) * record // PAGE * PAGE
+    hi = -(-(pos[last].astype(np.int64) + 1) * record // PAGE) * PAGE
+    return int(np.minimum(hi - lo, n * record).sum())
 
 
 def top_d(values: np.ndarray, d: float) -> np.ndarray:
@@ -226,16 +282,19 @@ def measure_cap(budget: float) -> float:
 
 
 def measure(points: list[OperatingPoint], gguf_path, chunk_sets: list, n_ctx: int, predictors,
-            orders, budget: float = DEFAULT_BUDGET) -> tuple[list[OperatingPoint], float]:
+            orders, budget: float = DEFAULT_BUDGET, record_bytes: list[int] | None = None
+            ) -> tuple[list[OperatingPoint], float]:
     """Each point's ppl_increase (the largest over the chunk sets: one estimate per kind of text) and
-    the density it really selects (floor included) on the first set, densest first, up to the first
-    point costing more than measure_cap(budget) on the first set; points that come out no sparser
-    than a denser one are dropped. Returns (points, dense perplexity on the first set)."""
-    counts = [[0, 0] for _ in points[1:]]
+    the density it really selects (floor included) on the first set, with the share of the FFN's
+    bytes the pack reads for it (read_bytes; given the pack's `record_bytes` per layer), densest
+    first, up to the first point costing more than measure_cap(budget) on the first set; points that
+    come out no sparser than a denser one are dropped. Returns (points, dense perplexity on the first set)."""
+    counts = [[0, 0, 0, 0] for _ in points[1:]]
     incs, dense = [], None
     for k, chunks in enumerate(chunk_sets):
         todo = points[1:] if k == 0 else points[1:1 + len(incs[0])]
-        rules = [None] + [predictor_rule(predictors, orders, p.thresholds, p.floor, c if k == 0 else None)
+        rules = [None] + [predictor_rule(predictors, orders, p.thresholds, p.floor, c if k == 0 else None,
+                                         record_bytes if k == 0 else None)
                           for p, c in zip(todo, counts)]
         ppls = masked_perplexities(gguf_path, chunks, rules, n_ctx, measure_cap(budget) if k == 0 else math.inf)
         if not math.isfinite(ppls[0]) or ppls[0] > 1e6:  # damaged weights that stay finite but say nothing
@@ -248,6 +307,7 @@ def measure(points: list[OperatingPoint], gguf_path, chunk_sets: list, n_ctx: in
     for i, (p, c) in enumerate(zip(points[1:1 + len(incs[0])], counts)):
         p.ppl_increase = max(inc[i] for inc in incs)
         p.density = float(c[0] / max(c[1], 1))
+        p.read_share = float(min(1.0, c[2] / c[3])) if c[3] else 1.0
         if p.density < kept[-1].density - 1e-3:
             kept.append(p)
     return kept, dense

@@ -44,8 +44,8 @@ def _add_runtime_args(p, generation: bool = True) -> None:
                    help="everything the process may use, e.g. 1GiB (default: what this machine or its memory cgroup "
                         "has available); the FFN cache gets what is left after non-FFN weights, KV cache, compute "
                         "buffers and 10%% headroom, at most the whole FFN (`run --verbose` prints the split). At a "
-                        "point computing >= 70%% of the neurons (runtime.STOCK_PATH_DENSITY: the pack read as many "
-                        "bytes there on SmolLM2) every neuron is computed from the GGUF's own FFN "
+                        "point computing >= 70%% of the neurons, or where the pack would read >= 90%% of the FFN's bytes anyway "
+                        "(quality.every_neuron_pays; `inspect` shows it per point), every neuron is computed from the GGUF's own FFN "
                         "tensors: the layers that fit held in memory, the rest streamed; elsewhere from the pack. "
                         "Without it, where the model fits, llama.cpp's stock path runs at such a point. Where the "
                         "non-FFN weights and the cache do not fit (given or not), the minimum cache, as many non-FFN "
@@ -75,9 +75,10 @@ def _add_runtime_args(p, generation: bool = True) -> None:
                    ("--buffered-io", "read the pack through the page cache even where the model does not fit"))
     p.add_argument("--all-active", action="store_true", help="debug: predictor off, every neuron computed")
     p.add_argument("--keep-pack", action="store_true",
-                   help="run the operating point on the pack's bundles with its predictors even where it is at least "
-                        "70%% dense (by default every neuron runs there, streamed or on llama.cpp's stock path: as "
-                        "fast or faster, exact): to measure the point itself, e.g. `eval --quality 5%% --keep-pack`")
+                   help="run the operating point on the pack's bundles with its predictors even where every neuron "
+                        "runs by default (at least 70%% dense, or the pack would read >= 90%% of the FFN's bytes: "
+                        "streamed or llama.cpp's stock path, as fast or faster, exact): to measure the point itself, "
+                        "e.g. `eval --quality 5%% --keep-pack`")
     p.add_argument("--pin-percent", type=int, default=None,
                    help=f"share of the cache pinned to hot neurons ({default('pin_percent')}; 100 where every neuron "
                         "is computed)")
@@ -342,8 +343,8 @@ def print_mode_note(args, llm, out) -> None:
         print(point_line(llm.ripple_point) + ("; not in use: the stock path computes every neuron" if stock else ""),
               file=out)
         if "asked" in llm.ripple_point:
-            print(f"instead of {point_line(llm.ripple_point['asked'])}: at that density the pack's reads carry the "
-                  "gaps between active neurons (as many bytes as every neuron), so every neuron runs, exact "
+            print(f"instead of {point_line(llm.ripple_point['asked'])}: there the pack's reads would carry the "
+                  "gaps between active neurons (nearly as many bytes as every neuron), so every neuron runs, exact "
                   "(--keep-pack runs the point itself)", file=out)
     if stock:
         print(f"stock path: {llm.ripple_dense_reason}", file=out)

@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import RippleError
 from .pack import Pack, open_pack, pack_path_for
+from .quality import every_neuron_pays
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -286,16 +287,6 @@ def _point_info(pk: Pack, index: int) -> dict:
 TIGHT_UBATCH = 64  # llama.cpp's batch size where memory is tight (see RippleLlama._split)
 
 
-# Operating points at least this dense run llama.cpp's stock path unless a budget is given or the model
-# does not fit (see RippleLlama._stock_is_the_same), and on the runtime they compute every neuron with the
-# GGUF's own FFN tensors streamed (see streams). Measured on SmolLM2 F16 (README "Where the pack pays"):
-# at densities 0.92 / 0.89 / 0.83 / 0.72 the pack's merged reads carried the gaps between active neurons
-# (short runs, bundles under a 4 KiB page) and read as much a token as the streamed dense FFN, 148-152
-# MiB, at 0.57-0.85x its speed in cgroups of 50% and 35% of the model; warm, at 0.83 / 0.74, 0.66-0.72x
-# stock. The line was 0.9.
-STOCK_PATH_DENSITY = 0.7
-
-
 def streams(pk: Pack, point: int, stock_when_dense: bool = True, all_active: bool = False) -> bool:
     """Does RippleLlama stream the GGUF's own FFN tensors and compute every neuron (llama-ripple-stream.cpp)
     at stored operating point `point`? At a point this dense the pack's bundles would be read nearly
@@ -304,7 +295,7 @@ def streams(pk: Pack, point: int, stock_when_dense: bool = True, all_active: boo
     read computed by llama.cpp's own kernels, exactly (SmolLM2 Q4_1 at 75% of its size in a cgroup:
     30.5 vs 15.3 tok/s). Not where the caller keeps the predictors to move along the curve
     (stock_when_dense=False) or asked for the pack's own every-neuron path (all_active)."""
-    return stock_when_dense and not all_active and float(pk.op_density[point]) >= STOCK_PATH_DENSITY
+    return stock_when_dense and not all_active and every_neuron_pays(pk, point)
 
 
 class RippleLlama(llama_cpp.Llama):
@@ -317,7 +308,8 @@ class RippleLlama(llama_cpp.Llama):
     RippleLlama("m.gguf", pack=verified_pack("m.gguf"))  # reuse a pack verified earlier
     RippleLlama("m.gguf", quality="1%")                 # the sparsest stored operating point within +1%
                                                         # perplexity on calibration text (default: the pack's)
-    At an operating point of density >= STOCK_PATH_DENSITY every neuron is computed from the GGUF's own
+    At an operating point where quality.every_neuron_pays (density >= 0.7, or the pack would read >= 90% of
+    the FFN bytes anyway) every neuron is computed from the GGUF's own
     FFN tensors, streamed where they do not all fit (see streams; stream_dense=False: the pack's
     bundles), and with no budget given the stock path runs where the whole model fits (see
     ripple_stats()["reason"]); stock_when_dense=False keeps the pack and its predictors attached. On the
@@ -457,7 +449,7 @@ class RippleLlama(llama_cpp.Llama):
         self.ripple_pack = pack
         self.ripple_non_ffn = _describe_non_ffn(held, why_held, self.ripple_stats())
         self.ripple_set_point(point)
-        if asked != point:  # a sparse point at least STOCK_PATH_DENSITY dense: every neuron runs instead
+        if asked != point:  # a sparse point where every_neuron_pays: every neuron runs instead
             self.ripple_point["asked"] = _point_info(pack, asked)
 
     def _split(self, model_path: str, pack: Pack, point: int, opts: RippleOptions, kwargs) -> tuple[int, int, dict]:
@@ -534,7 +526,7 @@ class RippleLlama(llama_cpp.Llama):
                 f"{split['available'] / MIB:.0f} MiB available ({split['available_from']}), not even with "
                 "the non-FFN weights mapped: llama.cpp's stock path, whose mapped weights the kernel can "
                 "reclaim (slower, but never killed for memory); pass --cache-size to force the pack path"))
-        if opts.all_active or opts.memory_budget is not None or split is None or density < STOCK_PATH_DENSITY:
+        if opts.all_active or opts.memory_budget is not None or split is None or not every_neuron_pays(pack, point):
             return False
         if not whole_model_fits(split) and (resident or split.get("mapped_fits")):
             # the pack path reads only FFN misses, in merged direct reads, where stock re-reads

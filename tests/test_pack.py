@@ -68,8 +68,11 @@ def test_inspect_reports_pack_and_predictor_on_unseen_text(converted, model):
     on_text = text[text.index(f"predictor per layer on {HELDOUT.name}"):].splitlines()[1:1 + len(ev["recall"])]
     assert "operating points" in text and "<- default" in text
     ops, default = pk["operating_points"], pk["default_point"]
-    assert ops[0] == {"density": 1.0, "ppl_increase": 0.0}
+    assert ops[0] == {"density": 1.0, "ppl_increase": 0.0, "read_share": 1.0, "every_neuron": True}
     assert all(a["density"] > b["density"] for a, b in zip(ops, ops[1:]))
+    # the pack reads at least the active records' bytes, and no more than every record
+    assert all(o["density"] - 1e-3 <= o["read_share"] <= 1.0 for o in ops)
+    assert all(o["every_neuron"] == (o["density"] >= 0.7 or o["read_share"] >= 0.9) for o in ops)
     assert all(o["ppl_increase"] <= pk["max_ppl_increase"] for o in ops[1:default + 1])
     for il, (mr, pd, td) in enumerate(zip(ev["mass_recall"], ev["pred_density"], ev["true_density"])):
         print(f"{model} layer {il}: mass recall {mr:.3f}, recall {ev['recall'][il]:.3f}, "
@@ -353,4 +356,4 @@ def test_predictors_are_checked_where_they_are_read(converted, tmp_path):
     assert dense.ripple_point["path"] == "stock"
     dense.close()
     with pytest.raises(RippleError, match="predictor"):
-        RippleLlama(str(g), quality="100%", n_ctx=64, verbose=False, dense_fallback=False)  # a sparse point
+        RippleLlama(str(g), quality="100%", n_ctx=64, verbose=False, dense_fallback=False, stock_when_dense=False)

@@ -201,3 +201,33 @@ def test_per_token_floor_keeps_the_top_share_of_every_token(converted):
         np.testing.assert_array_equal(full, all_logits(ref, ps))
     finally:
         ref.close()
+
+
+def test_read_bytes_merges_runs_closer_than_a_page_and_reads_whole_pages():
+    """What the pack reads for a selection (ripple.pack.op.read_share): each token's selected records
+    (1,000 bytes each here) as runs merged across gaps under a page, each widened to 4 KiB pages,
+    capped at the layer."""
+    from ripple_gguf.quality import read_bytes
+    m = np.zeros((3, 100), dtype=bool)
+    m[0, [0, 1, 2]] = True   # [0, 3000) -> one page
+    m[0, 50] = True          # [50000, 51000) -> the page at 49152
+    m[1, [10, 13]] = True    # a 2,000-byte gap: one run [10000, 14000) -> pages 8192..16384
+    m[1, [40, 45]] = True    # a 4,000-byte gap (< a page): one run [40000, 46000) -> 36864..49152
+    m[2, :] = True           # every record: the layer, not the rounded-up pages
+    assert read_bytes(m, 1000) == 4096 + 4096 + 8192 + 12288 + 100_000
+    m2 = np.zeros((1, 100), dtype=bool)
+    m2[0, [10, 30]] = True   # a 19,000-byte gap: two runs of a page each, not [8192, 32768)
+    assert read_bytes(m2, 1000) == 8192
+    assert read_bytes(np.zeros((2, 8), dtype=bool), 1000) == 0
+
+
+def test_every_neuron_runs_where_dense_or_where_the_pack_would_read_nearly_every_byte():
+    """The runtime's choice per point (quality.every_neuron_pays): at least 70% dense, or the pack's
+    reads would take at least 90% of the FFN's bytes anyway; a pack written before read_share existed
+    decides by density alone."""
+    from types import SimpleNamespace
+    from ripple_gguf.quality import every_neuron_pays
+    pk = SimpleNamespace(op_density=np.array([1.0, 0.8, 0.6, 0.5]), op_read_share=np.array([1.0, 0.95, 0.92, 0.6]))
+    assert [every_neuron_pays(pk, i) for i in range(4)] == [True, True, True, False]
+    pk.op_read_share = None
+    assert [every_neuron_pays(pk, i) for i in range(4)] == [True, True, False, False]

@@ -140,15 +140,16 @@ def test_a_point_above_the_stock_path_density_streams_every_neuron(packed):
     stock path's tokens); sparser ones run on the pack. On SmolLM2 F16 the pack at densities 0.72-0.92
     read as many bytes a token as the streamed FFN and ran slower (README "Where the pack pays"): with
     the line at 0.9, `--quality` at such a point got the slower path and less quality."""
-    from ripple_gguf.runtime import STOCK_PATH_DENSITY
+    from ripple_gguf.quality import STOCK_PATH_DENSITY
     path = packed("tiny-llama-swiglu", "f16")
     dense = RippleLlama(path, dense=True, **KW)
     ref = dense.create_completion("Once upon a time", max_tokens=8, temperature=0.0)["choices"][0]["text"]
     dense.close()
     whole, _ = stream_layout(str(path))
     from ripple_gguf.quality import ESTIMATE_SHARE
-    from ripple_gguf.runtime import choose_point, verified_pack
+    from ripple_gguf.runtime import choose_point, every_neuron_pays, verified_pack
     pk = verified_pack(str(path))
+    print("read shares", [(round(d, 3), round(r, 3)) for d, r in zip(pk.op_density, pk.op_read_share)])
     worst = np.maximum.accumulate(np.maximum(pk.op_ppl_increase, 0.0))
     seen = {}  # every point a budget can reach: the sparsest whose denser points are all within it
     for quality in sorted({f"{100 * w / ESTIMATE_SHARE + 1e-4:.6f}%" for w in worst[1:]}):
@@ -158,7 +159,7 @@ def test_a_point_above_the_stock_path_density_streams_every_neuron(packed):
         point, streamed = llm.ripple_point, llm.ripple_streamed
         llm.close()
         seen[round(asked, 3)] = streamed
-        assert streamed == (asked >= STOCK_PATH_DENSITY), (quality, asked)
+        assert streamed == every_neuron_pays(pk, choose_point(pk, quality)), (quality, asked)
         if streamed:  # says so: every neuron, the dense point's numbers
             assert point["density"] == 1.0 and point["path"] == "stream" and out == ref, (quality, point)
             assert asked == 1.0 or point["asked"]["density"] == asked  # and which point was asked for
@@ -361,7 +362,7 @@ def test_prompt_batches_at_a_sparse_point_stream_the_dense_ffn(packed):
     _, minimum = stream_layout(str(path))
     out = {}
     for prefill in (0, 16):
-        llm = RippleLlama(path, quality="50%", stream_prefill=prefill, logits_all=True, **KW)
+        llm = RippleLlama(path, quality="50%", stream_prefill=prefill, logits_all=True, stock_when_dense=False, **KW)
         got = all_logits(llm, ps)
         llm.ripple_reset_stats()
         for t in ps[0][:8]:
