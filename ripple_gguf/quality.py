@@ -23,7 +23,7 @@ from .errors import RippleError
 from .index_keys import in_gguf_order
 
 GRID = np.round(np.arange(0.05, 1.0001, 0.025), 3)      # candidate per-layer densities
-TARGETS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)        # mean densities of the stored points
+TARGETS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1)  # mean densities of the stored points
 DEFAULT_BUDGET = 0.02                                   # --max-ppl-increase default
 DENSE_THRESHOLD = -1e30                                 # every score passes (finite: the C side checks)
 FLOOR_RATIO = 0.75      # per-token floor of a point = this x its target density (see OperatingPoint.floor)
