@@ -154,7 +154,6 @@ def every_neuron_pays(pk, point: int) -> bool:
         (share is not None and float(share[point]) >= STREAM_READ_SHARE)
 
 
-
 # --- selection rules applied inside llama.cpp's graph (LlamaRunner.ffn_mask) ------------------------
 
 def predictor_rule(predictors, orders, thresholds, floor: float = 0.0, counts: list | None = None,
