@@ -543,7 +543,7 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
         else:
             for part in parts:
                 t(*part)  # present and well-formed; the bytes are the library's to check
-    ops = _operating_points(r, n_layer, thresholds, path, fix)
+    *ops, read_share = _operating_points(r, n_layer, thresholds, path, fix)
     stats = {}
     for k in ("recall", "mass_recall", "precision", "pred_density", "true_density"):
         v = kv_array(r, f"ripple.pack.eval.{k}")
@@ -557,14 +557,14 @@ def open_pack(gguf_path: str | os.PathLike, pack_path: str | os.PathLike | None 
     return Pack(path, gguf_path, n_layer, n_embd, n_ff, has_gate, part_types, types["down_source"],
                 rel.astype(np.float64), [int(v) for v in bb], offsets, preds,
                 act_threshold.astype(np.float32), str(kv(r, "ripple.pack.activation", "")),
-                *ops[:-1], int(kv(r, "ripple.pack.train_tokens", 0)),
+                *ops, int(kv(r, "ripple.pack.train_tokens", 0)),
                 int(kv(r, "ripple.pack.eval.tokens", 0)), stats, groups, size, sum_offsets,
-                [o.astype(np.int64) for o in orders], ops[-1])
+                [o.astype(np.int64) for o in orders], op_read_share=read_share)
 
 
 def _operating_points(r, n_layer: int, default_thresholds: np.ndarray, path, fix: str):
     """ripple.pack.op.*, validated: shapes agree, densities in (0, 1] falling, thresholds finite and
-    the default point's equal to pred_threshold."""
+    the default point's equal to pred_threshold; the read shares last (None where the pack has none)."""
     dens = kv_array(r, "ripple.pack.op.density")
     ppl = kv_array(r, "ripple.pack.op.ppl_increase")
     thr = kv_array(r, "ripple.pack.op.thresholds")

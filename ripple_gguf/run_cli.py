@@ -13,6 +13,7 @@ import time
 from .errors import RippleError
 from .memory_budget import STREAM_PREFILL_TOKENS, gguf_ffn_split
 from .perplexity import perplexity
+from .quality import STOCK_PATH_DENSITY, STREAM_READ_SHARE
 from .process_stats import peak_rss, phase, reset_peak_rss
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -37,16 +38,20 @@ def _runtime_defaults() -> dict:
         return {}
 
 
+# where every neuron runs instead of the pack (quality.every_neuron_pays), for --help (argparse's %%)
+EVERY_NEURON_WHERE = (f"a point computing >= {STOCK_PATH_DENSITY:.0%} of the neurons, or where the pack would read "
+                      f">= {STREAM_READ_SHARE:.0%} of the FFN's bytes anyway").replace("%", "%%")
+
+
 def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("gguf", help="converted .gguf (its OUT.ripple pack is found next to it)")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--memory-budget", metavar="SIZE",
                    help="everything the process may use, e.g. 1GiB (default: what this machine or its memory cgroup "
                         "has available); the FFN cache gets what is left after non-FFN weights, KV cache, compute "
-                        "buffers and 10%% headroom, at most the whole FFN (`run --verbose` prints the split). At a "
-                        "point computing >= 70%% of the neurons, or where the pack would read >= 90%% of the FFN's bytes anyway "
-                        "(quality.every_neuron_pays; `inspect` shows it per point), every neuron is computed from the GGUF's own FFN "
-                        "tensors: the layers that fit held in memory, the rest streamed; elsewhere from the pack. "
+                        "buffers and 10%% headroom, at most the whole FFN (`run --verbose` prints the split). At "
+                        f"{EVERY_NEURON_WHERE} (`inspect` shows it per point) every neuron is computed from the GGUF's "
+                        "own FFN tensors: the layers that fit held in memory, the rest streamed; elsewhere from the pack. "
                         "Without it, where the model fits, llama.cpp's stock path runs at such a point. Where the "
                         "non-FFN weights and the cache do not fit (given or not), the minimum cache, as many non-FFN "
                         "weights held as fit (the rest mapped, read a layer ahead) and llama.cpp batches of 64 tokens "
@@ -76,9 +81,8 @@ def _add_runtime_args(p, generation: bool = True) -> None:
     p.add_argument("--all-active", action="store_true", help="debug: predictor off, every neuron computed")
     p.add_argument("--keep-pack", action="store_true",
                    help="run the operating point on the pack's bundles with its predictors even where every neuron "
-                        "runs by default (at least 70%% dense, or the pack would read >= 90%% of the FFN's bytes: "
-                        "streamed or llama.cpp's stock path, as fast or faster, exact): to measure the point itself, "
-                        "e.g. `eval --quality 5%% --keep-pack`")
+                        f"runs by default ({EVERY_NEURON_WHERE}: streamed or llama.cpp's stock path, as fast or "
+                        "faster, exact): to measure the point itself, e.g. `eval --quality 5%% --keep-pack`")
     p.add_argument("--pin-percent", type=int, default=None,
                    help=f"share of the cache pinned to hot neurons ({default('pin_percent')}; 100 where every neuron "
                         "is computed)")

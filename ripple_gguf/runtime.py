@@ -308,9 +308,8 @@ class RippleLlama(llama_cpp.Llama):
     RippleLlama("m.gguf", pack=verified_pack("m.gguf"))  # reuse a pack verified earlier
     RippleLlama("m.gguf", quality="1%")                 # the sparsest stored operating point within +1%
                                                         # perplexity on calibration text (default: the pack's)
-    At an operating point where quality.every_neuron_pays (density >= 0.7, or the pack would read >= 90% of
-    the FFN bytes anyway) every neuron is computed from the GGUF's own
-    FFN tensors, streamed where they do not all fit (see streams; stream_dense=False: the pack's
+    At an operating point where quality.every_neuron_pays (dense enough, or the pack would read nearly
+    every byte anyway) every neuron is computed from the GGUF's own FFN tensors, streamed where they do not all fit (see streams; stream_dense=False: the pack's
     bundles), and with no budget given the stock path runs where the whole model fits (see
     ripple_stats()["reason"]); stock_when_dense=False keeps the pack and its predictors attached. On the
     runtime the non-FFN weights are held in memory where they fit next to the FFN cache, as many as fit

@@ -200,10 +200,9 @@ def test_without_registration_the_same_file_loads_stock(packed):
 def test_eval_perplexity_within_5_percent_of_dense(packed, model):
     path = packed(model, "f16")
     res = {}
-    for mode in ("--dense", "--keep-pack"):  # the default point on the pack, though every neuron would run by default
-        args = ["eval", path, "--text", HELDOUT, "--json", mode]
-        proc = run_cli(*args, check=True, timeout=1200)
-        res[mode.strip("-").replace("keep-pack", "sparse")] = json.loads(proc.stdout)
+    # --keep-pack: the default point on the pack, though every neuron would run there by default
+    for mode, flag in (("dense", "--dense"), ("sparse", "--keep-pack")):
+        res[mode] = json.loads(run_cli("eval", path, "--text", HELDOUT, "--json", flag, check=True, timeout=1200).stdout)
     d, s = res["dense"]["perplexity"], res["sparse"]["perplexity"]
     e = res["sparse"]["eval"]
     print(f"{model} f16 on {HELDOUT.name} ({res['sparse']['scored_tokens']} tokens): perplexity dense {d:.3f}, "

@@ -140,26 +140,26 @@ def test_a_point_above_the_stock_path_density_streams_every_neuron(packed):
     stock path's tokens); sparser ones run on the pack. On SmolLM2 F16 the pack at densities 0.72-0.92
     read as many bytes a token as the streamed FFN and ran slower (README "Where the pack pays"): with
     the line at 0.9, `--quality` at such a point got the slower path and less quality."""
-    from ripple_gguf.quality import STOCK_PATH_DENSITY
+    from ripple_gguf.quality import ESTIMATE_SHARE, STOCK_PATH_DENSITY, every_neuron_pays
+    from ripple_gguf.runtime import choose_point, verified_pack
     path = packed("tiny-llama-swiglu", "f16")
     dense = RippleLlama(path, dense=True, **KW)
     ref = dense.create_completion("Once upon a time", max_tokens=8, temperature=0.0)["choices"][0]["text"]
     dense.close()
     whole, _ = stream_layout(str(path))
-    from ripple_gguf.quality import ESTIMATE_SHARE
-    from ripple_gguf.runtime import choose_point, every_neuron_pays, verified_pack
     pk = verified_pack(str(path))
     print("read shares", [(round(d, 3), round(r, 3)) for d, r in zip(pk.op_density, pk.op_read_share)])
     worst = np.maximum.accumulate(np.maximum(pk.op_ppl_increase, 0.0))
     seen = {}  # every point a budget can reach: the sparsest whose denser points are all within it
     for quality in sorted({f"{100 * w / ESTIMATE_SHARE + 1e-4:.6f}%" for w in worst[1:]}):
-        asked = float(pk.op_density[choose_point(pk, quality)])
+        index = choose_point(pk, quality)
+        asked = float(pk.op_density[index])
         llm = RippleLlama(path, quality=quality, cache_size=whole, **KW)
         out = llm.create_completion("Once upon a time", max_tokens=8, temperature=0.0)["choices"][0]["text"]
         point, streamed = llm.ripple_point, llm.ripple_streamed
         llm.close()
         seen[round(asked, 3)] = streamed
-        assert streamed == every_neuron_pays(pk, choose_point(pk, quality)), (quality, asked)
+        assert streamed == every_neuron_pays(pk, index), (quality, asked)
         if streamed:  # says so: every neuron, the dense point's numbers
             assert point["density"] == 1.0 and point["path"] == "stream" and out == ref, (quality, point)
             assert asked == 1.0 or point["asked"]["density"] == asked  # and which point was asked for
