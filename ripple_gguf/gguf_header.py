@@ -39,6 +39,7 @@ class HeaderField:
     value: object             # scalar, str, numeric np.ndarray, or None (array of strings: skipped)
     start: int                # byte range of the whole KV entry (key included) in the file
     end: int
+    count: int = 0            # arrays: how many elements (string arrays too, whose contents are skipped)
 
 
 @dataclass
@@ -98,8 +99,8 @@ class GGUFHeader:
                 start = c.pos
                 name = c.string()
                 vtype = self._type(c.scalar("<I"))
-                item, value = self._value(c, vtype)
-                self.fields[name] = HeaderField(name, vtype, item, value, start, c.pos)
+                item, value, count = self._value(c, vtype)
+                self.fields[name] = HeaderField(name, vtype, item, value, start, c.pos, count)
             self.alignment = int(self.get("general.alignment", 32))
             if self.alignment <= 0 or self.alignment & (self.alignment - 1):
                 raise HeaderError(f"general.alignment {self.alignment} is not a power of two")
@@ -138,9 +139,9 @@ class GGUFHeader:
 
     def _value(self, c: _Cursor, vtype: VT):
         if vtype == VT.STRING:
-            return None, c.string()
+            return None, c.string(), 0
         if vtype in _SCALAR:
-            return None, c.scalar(_SCALAR[vtype])
+            return None, c.scalar(_SCALAR[vtype]), 0
         if vtype != VT.ARRAY:
             raise HeaderError(f"unsupported metadata value type {vtype}")
         item = self._type(c.scalar("<I"))
@@ -149,14 +150,19 @@ class GGUFHeader:
             raise HeaderError("array longer than the file")
         if item in _NUMPY:
             dt = np.dtype(_NUMPY[item]).newbyteorder("<")
-            return item, np.frombuffer(c.take(count * dt.itemsize), dtype=dt).copy()
+            return item, np.frombuffer(c.take(count * dt.itemsize), dtype=dt).copy(), count
         if item == VT.STRING:
             for _ in range(count):  # contents not needed on the load path (tokenizer pieces)
                 c.skip(c.scalar("<Q"))
-            return item, None
+            return item, None, count
         raise HeaderError("nested metadata arrays are not supported")
 
     # --- the accessors gguf_io.kv / kv_array use --------------------------------------------------
+    def count(self, key: str) -> int:
+        """How many elements an array field holds (0 where it is absent or not an array)."""
+        f = self.fields.get(key)
+        return 0 if f is None else f.count
+
     def get(self, key: str, default=None):
         f = self.fields.get(key)
         return default if f is None or f.type == VT.ARRAY else f.value

@@ -25,8 +25,11 @@ from .gguf_io import ffn_weight_bytes, kv, open_header, read_ffn_layout
 
 MIB = 2**20
 RUNTIME_ALLOWANCE = 32 * MIB   # staging, plan buffers, I/O threads' stacks
-RUNTIME_MAPPED = 8 * MIB       # the same, counted tightly where the weights stay mapped (staging 2 MiB,
-                               # the gap buffer <= 1 MiB, per-neuron tables ~1 MiB at SmolLM2 size)
+# the same, counted tightly where the weights stay mapped (runtime_mapped): each reader's O_DIRECT staging
+# (520 KiB, the library's default 4 readers), the merge-gap buffer (<= 1 MiB), per-neuron tables (18 bytes
+# a neuron, 24 counted) and cache slots. Measured on SmolLM2 Q4_1 without O_DIRECT: 0.9 MiB beside its
+# cache and predictors (overhead_bytes); counted 4.1 MiB. It used to be a flat 8 MiB.
+IO_READERS, IO_STAGING, GAP_BUFFER, PER_NEURON = 4, 520 * 1024, MIB, 24
 STREAMED_RUNTIME = 2 * MIB     # the streamed FFN's own, beside its staging buffers (those are its cache)
 
 
@@ -38,6 +41,10 @@ STREAM_PREFILL_TOKENS = 32
 STREAM_CHUNK = 2 * MIB  # the streamed FFN's smallest staging buffer (llama-ripple-stream.cpp, RIPPLE_STREAM_CHUNK)
 PAGE = 4096
 UNIT_ROWS = 32  # a chunked layer's units are multiples of this many rows (RIPPLE_UNIT_ROWS)
+
+
+def _runtime_mapped(r) -> int:
+    return IO_READERS * IO_STAGING + GAP_BUFFER + PER_NEURON * sum(read_ffn_layout(r).n_ff)
 
 
 def headroom(total: int) -> int:
@@ -100,22 +107,45 @@ def _kv_bytes(r, n_ctx: int) -> int:
     return 2 * 2 * n_layer * n_ctx * width
 
 
-# llama.cpp's vocabulary (token strings, their index, BPE merges) and llama-cpp-python's per-token state
-# are anonymous memory that grows with the vocabulary: measured after load and a few decodes at a
-# 16-token context, SmolLM2 (49,152 tokens) 26 MiB, the 1,024-token fixtures 3 MiB: ~480 bytes a token.
-# The flat 8 MiB below and the margins (mapped_pack_need) were measured to hold SmolLM2's; a larger
-# vocabulary adds the rest (Qwen2's 151,936 tokens: +47 MiB, which no margin here would absorb).
-VOCAB_BYTES_PER_TOKEN, VOCAB_MEASURED = 480, 49152
+# llama.cpp's own memory beside its weights and KV cache, as a stock run through llama-cpp-python holds
+# it. Measured (RssAnon growth of a load, a 64-token prompt and 16 decodes, less the KV cache, which is
+# zeroed at load) on nine GGUFs, and fitted: ~3 MiB, 166 bytes a tokenizer piece and 125 a BPE merge
+# (what the load keeps of the vocabulary), 60 KiB a layer, and a 64-token prompt's activations and one
+# row of logits. Measured (estimate): the 1,024-piece fixture 3.7 MiB (3.9); a TinyStories-sized model
+# (n_embd 288, 6 layers) with Llama-2's 32,000 pieces 9.4 (9.5), with Llama-3's 128,256 pieces and
+# 280,147 merges 56.4 (58.5), with Qwen2's 151,936 and 151,387 46.7 (47.0) (the tokenizers of llama.cpp's
+# models/ggml-vocab-*.gguf); SmolLM2 (49,152 and 48,901) 22.4 (20.4), its dimensions with Llama-2's
+# pieces 11.8 (11.8); a 0.5B Qwen2 shape with 151,936 pieces and no merges 33.1 (33.2). A flat 16 MiB
+# used to stand for all of it: 7 MiB too much for the TinyStories-sized model, whose defaults then
+# streamed its FFN in a cgroup where stock runs at full speed (104 vs 403 tok/s), 6-40 MiB too little
+# for SmolLM2 and larger vocabularies. Lines measured
+# before: SmolLM2 F16 in a cgroup of stock's own size runs stock at full speed with 24 MiB to spare, and
+# counted as not fitting there the runtime streamed part of its FFN at 0.25x (its estimate must stay
+# below 24 MiB); the 0.5B shape at a 2048 context re-read its weights with 14 MiB to spare (above 14).
+STOCK_FIXED, STOCK_PER_PIECE, STOCK_PER_MERGE, STOCK_PER_LAYER = 3 * MIB, 166, 125, 60 * 1024
+STOCK_TOKENS = 64
+
+
+def _llama_held(r) -> int:
+    """What llama.cpp holds from the load on, whatever it computes: the vocabulary, per-layer state."""
+    vocabulary = STOCK_PER_PIECE * r.count("tokenizer.ggml.tokens") + STOCK_PER_MERGE * r.count("tokenizer.ggml.merges")
+    return STOCK_FIXED + vocabulary + STOCK_PER_LAYER * read_ffn_layout(r).n_layer
+
+
+def _stock_own(r) -> int:
+    arch = kv(r, "general.architecture", "llama")
+    n_embd = int(kv(r, f"{arch}.embedding_length", 0) or 0)
+    n_vocab = next((int(t.shape[1]) for t in r.tensors if t.name == "token_embd.weight" and len(t.shape) > 1), 0)
+    activations = 4 * (STOCK_TOKENS * (2 * max(read_ffn_layout(r).n_ff) + 8 * n_embd) + n_vocab)
+    return _llama_held(r) + activations
 
 
 def _llama_compute_bytes(r, n_ctx: int, n_ubatch: int, logits_all: bool) -> int:
     """What llama.cpp (and llama-cpp-python) allocate besides weights and KV cache, touched at worst:
     one ubatch's activations (FFN intermediates, residual copies), its attention scores against the
     context (f32, scores and softmax), the logits (every token's with logits_all, in llama.cpp's buffer
-    and llama-cpp-python's n_ctx x n_vocab array) and 8 MiB for the vocabulary and small buffers (more for
-    a vocabulary larger than SmolLM2's: VOCAB_BYTES_PER_TOKEN).
-    SmolLM2 at n_ctx 512: 41 MiB estimated (a 512-token batch), 34 MiB measured after a 60-token
-    prompt and 20 decodes (RssAnon growth less the KV cache)."""
+    and llama-cpp-python's n_ctx x n_vocab array) and what the load keeps of the vocabulary and per layer
+    (_llama_held, the part of stock_own that does not depend on the batch)."""
     arch = kv(r, "general.architecture", "llama")
     n_embd = int(kv(r, f"{arch}.embedding_length", 0) or 0)
     heads = int(kv(r, f"{arch}.attention.head_count", 1) or 1)
@@ -125,8 +155,7 @@ def _llama_compute_bytes(r, n_ctx: int, n_ubatch: int, logits_all: bool) -> int:
         n_ctx = int(kv(r, f"{arch}.context_length", 4096) or 4096)
     ub = max(1, min(n_ubatch, n_ctx))
     logits = (ub + n_ctx) * n_vocab if logits_all else 2 * n_vocab
-    vocab = VOCAB_BYTES_PER_TOKEN * max(0, n_vocab - VOCAB_MEASURED)
-    return 4 * (ub * (2 * n_ff + 8 * n_embd) + 2 * ub * n_ctx * heads + logits) + 8 * MIB + vocab
+    return 4 * (ub * (2 * n_ff + 8 * n_embd) + 2 * ub * n_ctx * heads + logits) + _llama_held(r)
 
 
 def llama_compute_bytes(path: str, n_ctx: int, n_ubatch: int = 512, logits_all: bool = False) -> int:
@@ -153,7 +182,8 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
     compute = _llama_compute_bytes(r, n_ctx, n_ubatch, logits_all)
     split = {"available": avail, "available_from": source, "non_ffn_weights": other, "gguf_ffn": ffn,
              "kv_cache": kv_bytes, "compute": compute + staging, "runtime": RUNTIME_ALLOWANCE + predictor_bytes,
-             "predictors": predictor_bytes, "minimum": minimum, "prompt_staging": staging, "streamed": streamed}
+             "predictors": predictor_bytes, "minimum": minimum, "prompt_staging": staging, "streamed": streamed,
+             "stock_own": _stock_own(r), "runtime_mapped": _runtime_mapped(r)}
     if avail is None:
         split.update(headroom=0, ffn_room=None, cache=ffn_pack_bytes, note="available memory unknown: the whole FFN")
         return ffn_pack_bytes, split
@@ -180,7 +210,7 @@ def default_cache_budget(model_path: str, n_ctx: int, ffn_pack_bytes: int, minim
         given = f"{total / MIB:.0f} MiB" if total >= MIB else f"{total} bytes"
         raise RippleError(f"memory budget {given} cannot hold what the runtime cannot give back "
                           f"(KV cache {kv_bytes / MIB:.0f} MiB for {n_ctx} tokens, compute and runtime "
-                          f"{(compute + RUNTIME_MAPPED + predictor_bytes) / MIB:.0f} MiB, the minimum neuron cache "
+                          f"{(compute + split['runtime_mapped'] + predictor_bytes) / MIB:.0f} MiB, the minimum neuron cache "
                           f"{minimum / MIB:.1f} MiB, a 10% margin), even with the non-FFN weights "
                           f"({other / MIB:.0f} MiB) mapped: pass --memory-budget {-(-need // MIB)}MiB or more, "
                           f"or a smaller --ctx")
@@ -204,27 +234,27 @@ def budget_or_available(total: int | None) -> tuple[int | None, str]:
     return available_memory() if total is None else (total, "--memory-budget")
 
 
-# llama.cpp's own memory beside its weights and KV cache (compute buffers as a decode touches them,
-# llama-cpp-python's arrays): with none counted, "the whole model fits" held with 1 MiB to spare and the
-# stock path then re-read its weights every token (SmolLM2 Q4_1 in a 136 MiB cgroup: 13 tok/s where the
-# runtime ran 53). Where the line lies, measured: above 14 MiB (a 0.5B-shaped Q8_0 at a 2048 context
-# re-read its weights with 14 MiB to spare), at most 24 MiB (SmolLM2 F16 in a cgroup of stock's own
-# measured size runs stock at full speed with 24 MiB to spare; counted as not fitting, the runtime
-# streamed part of its FFN at 0.25x). Near the line either way costs: this errs towards the stock path.
-STOCK_OWN = 16 * MIB
+def stock_own(path: str) -> int:
+    """What llama.cpp (and llama-cpp-python) hold beside the weights and the KV cache on the stock path,
+    for this GGUF (its tokenizer, a prompt's activations and logits): see STOCK_FIXED."""
+    return _stock_own(open_header(path))
 
 
-def stock_need(weights: int, kv_bytes: int) -> int:
+def stock_need(weights: int, kv_bytes: int, own: int) -> int:
     """What the stock path needs to run without re-reading its weights: all of them in the page cache,
-    the KV cache and llama.cpp's own memory (model_fits and whole_model_fits both ask this)."""
-    return weights + kv_bytes + STOCK_OWN
+    the KV cache and llama.cpp's own memory `own` (stock_own; model_fits and whole_model_fits both ask this)."""
+    return weights + kv_bytes + own
 
 
-def model_fits(path: str, n_ctx: int, total: int | None = None, spare: int = 0) -> bool:
-    """Does stock_need (and `spare` bytes) fit in `total`, else in the memory available (True where that
-    is unknown)? whole_model_fits, before any split is made."""
+def model_fits(path: str, n_ctx: int, total: int | None = None, own_twice: bool = False) -> bool:
+    """Does stock_need fit in `total`, else in the memory available (True where that is unknown)?
+    whole_model_fits, before any split is made; `own_twice`: with llama.cpp's own memory to spare."""
     avail = budget_or_available(total)[0]
-    return avail is None or stock_need(os.path.getsize(path), kv_cache_bytes(path, n_ctx)) + spare <= avail
+    if avail is None:
+        return True
+    r = open_header(path)
+    own = _stock_own(r)
+    return stock_need(os.path.getsize(path), _kv_bytes(r, n_ctx), own) + (own if own_twice else 0) <= avail
 
 
 def whole_model_fits(split: dict) -> bool:
@@ -234,13 +264,14 @@ def whole_model_fits(split: dict) -> bool:
     off a cliff only once its weights do not fit (SmolLM2 Q4_1 in a cgroup of exactly its weights plus
     its measured overhead: stock 88 tok/s; at 75% of its weights: 9.8, where the pack path ran 16-20)."""
     return (split.get("available") is not None and
-            stock_need(split["non_ffn_weights"] + split["gguf_ffn"], split["kv_cache"]) <= split["available"])
+            stock_need(split["non_ffn_weights"] + split["gguf_ffn"], split["kv_cache"], split["stock_own"])
+            <= split["available"])
 
 
 def mapped_pack_fits(split: dict) -> bool:
     """Can the pack path run with its non-FFN weights mapped and the minimum neuron cache where this
     split was made? What the kernel cannot reclaim (KV cache, compute buffers at their worst, the
-    minimum cache, predictors, runtime buffers) must fit with a 10% margin (at least 8 MiB); the
+    minimum cache, predictors, runtime buffers) must fit with a 10% margin (at least MARGIN_MIN); the
     mapped weights are page cache, as all of stock llama.cpp's are. Such a run reads no more per token
     than stock (whose page cache must hold the FFN too) and reads the FFN in merged direct reads:
     SmolLM2 Q4_1 at a dense point, 50% of its size in a cgroup: 12.0 vs 4.8 tok/s; at 35%, where the
@@ -248,14 +279,17 @@ def mapped_pack_fits(split: dict) -> bool:
     return split.get("available") is not None and mapped_pack_need(split) <= split["available"]
 
 
-MARGIN_MIN, MARGIN_SHARE = 8 * MIB, 10  # the unreclaimable parts' margin: max(8 MiB, a tenth of them)
+# the unreclaimable parts' margin: max(4 MiB, a tenth of them). It was at least 8 MiB while the parts
+# counted a flat 8 MiB for llama.cpp's vocabulary (SmolLM2's holds 17 MiB, a 1,024-piece one 0.2) and 8
+# for the runtime's buffers; now each is counted for the model (_llama_held fits nine GGUFs within 2.1 MiB)
+MARGIN_MIN, MARGIN_SHARE = 4 * MIB, 10
 
 
 def _unreclaimable(split: dict, cache: int | None = None) -> int:
     """What the kernel cannot reclaim on the pack path with a neuron cache of `cache` bytes (default the
     minimum): KV cache, compute buffers at their worst, the cache, predictors, runtime buffers."""
     return (split["kv_cache"] + split["compute"] + (split["minimum"] if cache is None else cache)
-            + split["predictors"] + RUNTIME_MAPPED)
+            + split["predictors"] + split["runtime_mapped"])
 
 
 def mapped_pack_need(split: dict, cache: int | None = None) -> int:
@@ -280,7 +314,7 @@ PAGE_CACHE_FLOOR = 4 * MIB  # left to the page cache the mapped rest of the non-
 def _all_held_relief(split: dict) -> int:
     """What mapped_pack_need counts that a streamed run does not use: the pack path's runtime buffers
     (the streamed FFN's staging is its cache)."""
-    return RUNTIME_MAPPED - STREAMED_RUNTIME if split.get("streamed") else 0
+    return split["runtime_mapped"] - STREAMED_RUNTIME if split.get("streamed") else 0
 
 
 def _cache_beside_all_weights(split: dict) -> int:

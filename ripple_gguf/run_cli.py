@@ -153,7 +153,7 @@ def _n_ctx(args, default: int = 2048, needs: int = 0) -> int:
 def _fits_in_memory(args, n_ctx: int) -> bool:
     """memory_budget.model_fits for the command's budget (True where --cache-size/--cache-ratio sized
     the cache alone)."""
-    from .memory_budget import STOCK_OWN, model_fits
+    from .memory_budget import model_fits
     from .runtime import parse_size
     if getattr(args, "cache_size", None) is not None or getattr(args, "cache_ratio", None) is not None:
         return True
@@ -161,7 +161,7 @@ def _fits_in_memory(args, n_ctx: int) -> bool:
     # with room to spare: the load's own check (whole_model_fits) comes later, with a few MiB more in use,
     # and a longer context it then finds too big runs on the runtime with every compute buffer sized for
     # it (a 0.5B-shaped Q8_0 in 577 MiB: a 2048 context there ran 6-7.6 tok/s; 512 on the stock path, 48.8)
-    return model_fits(args.gguf, n_ctx, None if budget is None else parse_size(budget), spare=STOCK_OWN)
+    return model_fits(args.gguf, n_ctx, None if budget is None else parse_size(budget), own_twice=True)
 
 
 def _warn_budget_above_available(text: str) -> None:

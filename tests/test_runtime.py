@@ -899,7 +899,8 @@ def test_defaults_take_the_stock_path_when_not_even_one_layer_of_cache_fits(pack
     pack path that a memory limit kills (ReLU2 bench model at 25% of its size in a cgroup)."""
     import ripple_gguf.memory_budget as mb
     path = packed("tiny-arcee-relu2", "f16")
-    monkeypatch.setattr(mb, "available_memory", lambda: (16 * 2**20, "a 16 MiB test limit"))
+    # (the fixture's pack path needs ~12.5 MiB with its mapped weights: mapped_pack_need)
+    monkeypatch.setattr(mb, "available_memory", lambda: (10 * 2**20, "a 10 MiB test limit"))
     llm = RippleLlama(path, **KW)
     st = llm.ripple_stats()
     reason = llm.ripple_dense_reason
@@ -908,7 +909,7 @@ def test_defaults_take_the_stock_path_when_not_even_one_layer_of_cache_fits(pack
     text = llm.create_completion("def ", max_tokens=4, temperature=0.0)["choices"][0]["text"]
     n_ubatch = llm.context_params.n_ubatch
     llm.close()
-    assert st["mode"] == "dense" and "do not fit in the 16 MiB available" in reason and "--cache-size" in reason
+    assert st["mode"] == "dense" and "do not fit in the 10 MiB available" in reason and "--cache-size" in reason
     assert text
     assert n_ubatch == TIGHT_UBATCH  # llama.cpp's compute buffer sized for short batches there too
     # a cache size given keeps the pack path (the user asked for it), as does room for the minimum
@@ -973,7 +974,7 @@ def test_pack_reads_bypass_the_page_cache_by_default_where_the_model_does_not_fi
         pytest.skip("the filesystem holding the test files refuses O_DIRECT")
     # a byte short of the weights, KV cache and llama.cpp's own memory: the model does not fit (without
     # llama.cpp's own it "fitted" with 1 MiB to spare, and the stock path re-read every weight per token)
-    tight = (split["non_ffn_weights"] + split["gguf_ffn"] + split["kv_cache"] + mb.STOCK_OWN - 1, "a tight test limit")
+    tight = (split["non_ffn_weights"] + split["gguf_ffn"] + split["kv_cache"] + split["stock_own"] - 1, "a tight test limit")
     for avail, asked, want in ((fits, None, False), (tight, None, True), (tight, False, False), (fits, True, True)):
         monkeypatch.setattr(mb, "available_memory", lambda a=avail: a)
         llm = RippleLlama(path, direct_io=asked, stock_when_dense=False, **KW)
@@ -1012,6 +1013,38 @@ def test_ctypes_structs_are_the_libraries_own(macro, struct):
         assert {f.name: c.param_default(f.name) for f in c.param_fields} == {n: float(d) for _, n, d in declared}
 
 
+# llama.cpp's memory beside the weights, as a stock run leaves it: load, a 64-token prompt, 16 decodes
+STOCK_GROWTH = r"""
+import sys, llama_cpp
+def anon():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon"))
+a0 = anon()
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=512, n_ubatch=64, verbose=False)
+toks = (llm.tokenize(b"Once upon a time there was a little girl who lived in a village near the forest. " * 8))[:64]
+llm.eval(toks)
+for t in toks[:16]:
+    llm.eval([t])
+print(anon() - a0)
+"""
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_stock_own_memory_is_what_llama_cpp_holds(which, converted, request):
+    """Default settings run llama.cpp's stock path where the whole model fits (whole_model_fits), and
+    that turns on what stock holds beside its weights and KV cache. A flat 16 MiB stood for it: 8 MiB
+    too much for a TinyStories-sized model (32,000 pieces), whose defaults then streamed its FFN at
+    0.26x stock in a cgroup where stock ran at full speed. memory_budget.stock_own (the tokenizer's
+    strings, a prompt's activations) must be within 3 MiB of what llama.cpp really holds (measured: the
+    1,024-token fixture 3.7 MiB, SmolLM2's 98,053 strings 22.4 MiB; the KV cache is zeroed at load, so
+    all of it counts)."""
+    from ripple_gguf import memory_budget as mb
+    path = str(converted("tiny-llama-swiglu", "f32") if which == "tiny" else request.getfixturevalue("smollm2")["q4_1"])
+    out = subprocess.run([sys.executable, "-c", STOCK_GROWTH, path], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    held = int(out.stdout.split()[-1]) - mb.kv_cache_bytes(path, 512)
+    assert abs(mb.stock_own(path) - held) <= 3 * 2**20, (mb.stock_own(path) / 2**20, held / 2**20)
+
+
 def test_default_context_keeps_2048_only_with_room_to_spare(smollm2, monkeypatch):
     """The default context is decided before the load, whose own check (whole_model_fits) comes later
     with a few MiB more in use: a 2048 context that fitted by less than that then ran on the runtime with
@@ -1021,13 +1054,14 @@ def test_default_context_keeps_2048_only_with_room_to_spare(smollm2, monkeypatch
     from ripple_gguf import memory_budget as mb
     from ripple_gguf.run_cli import _n_ctx
     path = str(smollm2["q4_1"])
-    need = os.path.getsize(path) + mb.kv_cache_bytes(path, 2048) + mb.STOCK_OWN
+    own = mb.stock_own(path)
+    need = os.path.getsize(path) + mb.kv_cache_bytes(path, 2048) + own
     got = {}
-    for avail in (need, need + mb.STOCK_OWN):
+    for avail in (need, need + own):
         monkeypatch.setattr(mb, "available_memory", lambda a=avail: (a, "a test limit"))
         args = argparse.Namespace(ctx=None, gguf=path, memory_budget=None, cache_size=None, cache_ratio=None)
         got[avail] = _n_ctx(args)
-    assert got == {need: 512, need + mb.STOCK_OWN: 2048}
+    assert got == {need: 512, need + own: 2048}
 
 
 def test_run_default_context_shrinks_where_the_model_does_not_fit(smollm2):

@@ -79,7 +79,7 @@ def test_tight_default_holds_what_fits_and_shrinks_llamas_batches(packed, monkey
     # the fixture's non-FFN weights (~1 MiB) are smaller than the page-cache floor and the streamed path's
     # runtime relief: scaled down, so that half of them fit (else all or none would, see the test below)
     monkeypatch.setattr(mb, "PAGE_CACHE_FLOOR", 2**16)
-    monkeypatch.setattr(mb, "STREAMED_RUNTIME", mb.RUNTIME_MAPPED)
+    monkeypatch.setattr(mb, "_runtime_mapped", lambda r: mb.STREAMED_RUNTIME)
     monkeypatch.setattr(mb, "available_memory", lambda: (2**33, "8 GiB"))
     _, split = mb.default_cache_budget(str(path), KW["n_ctx"], whole, minimum, 0, n_ubatch=TIGHT_UBATCH)
     half = split["non_ffn_weights"] // 2
@@ -110,12 +110,12 @@ def test_tight_split_gives_the_cache_what_no_mapped_rest_needs(streamed):
     23.7 tok/s; with that room in the cache 32.8-33.8 in the same cgroup. One MiB more cache and a
     weight would have to be mapped, with the page-cache floor again."""
     from ripple_gguf import memory_budget as mb
-    mib = 2**20
-    split = {"available": 100 * mib, "non_ffn_weights": 40 * mib, "kv_cache": 10 * mib, "compute": 10 * mib,
-             "minimum": 3 * mib, "predictors": 0, "streamed": streamed, "ffn_room": -1}
+    mib = 2**20  # (80 MiB: the margin's floor, MARGIN_MIN, binds at both caches below)
+    split = {"available": 80 * mib, "non_ffn_weights": 40 * mib, "kv_cache": 10 * mib, "compute": 10 * mib,
+             "minimum": 3 * mib, "predictors": 0, "streamed": streamed, "ffn_room": -1, "runtime_mapped": 4 * mib}
     extra = mb._cache_beside_all_weights(split)
     before = split["available"] - mb.mapped_pack_need(split) - mb.PAGE_CACHE_FLOOR - split["non_ffn_weights"]
-    assert extra - before == mb.PAGE_CACHE_FLOOR + (mb.RUNTIME_MAPPED - mb.STREAMED_RUNTIME if streamed else 0)
+    assert extra - before == mb.PAGE_CACHE_FLOOR + (split["runtime_mapped"] - mb.STREAMED_RUNTIME if streamed else 0)
     cache = split["minimum"] + extra
     assert mb.resident_weight_bytes(split, cache) == split["non_ffn_weights"]
     assert mb.resident_weight_bytes(split, cache + mib) <= split["non_ffn_weights"] - mb.PAGE_CACHE_FLOOR

@@ -34,6 +34,16 @@ SHAPES = {
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
         num_key_value_heads=4, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=False)),
+    # llama.cpp's TinyStories models (karpathy's llama2.c, converted): models small enough that the
+    # runtime's fixed allowances are a large share of what a memory cgroup at half their size leaves
+    "stories15m": (LlamaConfig, LlamaForCausalLM, dict(
+        vocab_size=32000, hidden_size=288, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
+        num_key_value_heads=6, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True)),
+    "stories110m": (LlamaConfig, LlamaForCausalLM, dict(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+        num_key_value_heads=12, max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True)),
 }
 
 
