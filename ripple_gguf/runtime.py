@@ -499,7 +499,8 @@ class RippleLlama(llama_cpp.Llama):
                            resident: bool) -> bool:
         """At a (nearly) dense operating point with no budget given, where the whole model fits,
         llama.cpp's stock path runs, saying why: the runtime would compute the same FFN (streamed, with
-        every layer in memory: the same speed, 1.0-1.07x). When the model does not fit, the runtime runs
+        every layer in memory: the same speed, 1.0-1.07x); at a sparse point too where the split leaves
+        the neuron cache only part of the pack. When the model does not fit, the runtime runs
         wherever its fixed memory fits: with the non-FFN weights resident where they fit next to a
         cache, else mapped with the minimum cache (memory_budget.mapped_pack_fits). It streams the
         GGUF's own FFN tensors in whole-layer direct reads (a dense point; see streams) or reads the
@@ -525,14 +526,25 @@ class RippleLlama(llama_cpp.Llama):
                 f"{split['available'] / MIB:.0f} MiB available ({split['available_from']}), not even with "
                 "the non-FFN weights mapped: llama.cpp's stock path, whose mapped weights the kernel can "
                 "reclaim (slower, but never killed for memory); pass --cache-size to force the pack path"))
-        if opts.all_active or opts.memory_budget is not None or split is None or not every_neuron_pays(pack, point):
+        if opts.all_active or opts.memory_budget is not None or split is None:
             return False
+        where = f"{split['available'] / MIB:.0f} MiB available ({split['available_from']})" \
+            if split.get("available") is not None else "unknown available memory"
+        if not every_neuron_pays(pack, point):
+            if not whole_model_fits(split) or split["cache"] >= pack.every_slot_bytes:
+                return False
+            # a sparse point where the whole model fits but the split leaves the neuron cache only part
+            # of the pack: the pack path would read misses every token, stock reads nothing (the ReLU2
+            # bench model in a cgroup of stock's own size: 181 vs 2643 tok/s, 6 of its 12 MiB cached)
+            return self._load_stock(model_path, kwargs, pack, point, (
+                f"the whole model fits in {where}, where the neuron cache would hold "
+                f"{split['cache'] / MIB:.1f} of the pack's {pack.every_slot_bytes / MIB:.1f} MiB and read the "
+                f"rest every token: llama.cpp's stock path, which reads nothing once loaded (--keep-pack, "
+                f"stock_when_dense=False, runs operating point {point} on the pack)"))
         if not whole_model_fits(split) and (resident or split.get("mapped_fits")):
             # the pack path reads only FFN misses, in merged direct reads, where stock re-reads
             # whatever of the whole model its page cache cannot hold
             return False
-        where = f"{split['available'] / MIB:.0f} MiB available ({split['available_from']})" \
-            if split.get("available") is not None else "unknown available memory"
         fits = (f"the whole model fits in {where}" if whole_model_fits(split) else
                 f"neither the model nor the runtime's fixed memory fit in {where}")
         what = "computes every neuron" if density >= 1.0 else f"computes {100 * density:.0f}% of the neurons"

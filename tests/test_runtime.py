@@ -923,6 +923,36 @@ def test_defaults_take_the_stock_path_when_not_even_one_layer_of_cache_fits(pack
     llm.close()
 
 
+def test_sparse_point_runs_stock_where_the_model_fits_but_not_the_pack_in_the_cache(packed, monkeypatch):
+    """Default settings at a sparse point where the whole model fits but the split leaves the neuron
+    cache only part of the pack: the pack path would read misses every token where stock, once loaded,
+    reads nothing (the ReLU2 bench model in a cgroup of stock's own size: 181 vs 2643 tok/s). Stock
+    runs and says why; --keep-pack keeps the pack; with room for the whole pack in the cache it runs."""
+    import ripple_gguf.memory_budget as mb
+    path = packed("tiny-llama-swiglu", "f32")
+    pk = open_pack(path)
+    quality = "50%"
+    monkeypatch.setattr(mb, "available_memory", lambda: (2**20, "1 MiB"))
+    llm = RippleLlama(path, quality=quality, **KW)
+    need = mb.mapped_pack_need(llm.ripple_budget_split)
+    llm.close()
+    monkeypatch.setattr(mb, "available_memory", lambda: (need + 2**20, "a test limit"))
+    llm = RippleLlama(path, quality=quality, **KW)
+    st, split, reason = llm.ripple_stats(), llm.ripple_budget_split, llm.ripple_dense_reason
+    text = llm.create_completion("def ", max_tokens=4, temperature=0.0)["choices"][0]["text"]
+    llm.close()
+    assert mb.whole_model_fits(split) and split["mapped_fits"] and split["cache"] < pk.every_slot_bytes, split
+    assert st["mode"] == "dense" and "the whole model fits" in reason and "--keep-pack" in reason and text
+    llm = RippleLlama(path, quality=quality, stock_when_dense=False, **KW)
+    assert llm.ripple_stats()["mode"] == "sparse"
+    llm.close()
+    monkeypatch.setattr(mb, "available_memory", lambda: (2**33, "8 GiB"))
+    llm = RippleLlama(path, quality=quality, **KW)
+    st, split = llm.ripple_stats(), llm.ripple_budget_split
+    llm.close()
+    assert split["cache"] >= pk.every_slot_bytes and st["mode"] == "sparse"
+
+
 def test_defaults_keep_the_pack_with_mapped_weights_where_only_they_do_not_fit(packed, monkeypatch):
     """Room for the pack path's fixed memory but not for resident non-FFN weights next to one layer
     of cache: the pack path still runs, weights mapped, minimum cache (a sparse point here: at a dense
@@ -933,6 +963,10 @@ def test_defaults_keep_the_pack_with_mapped_weights_where_only_they_do_not_fit(p
     pk = open_pack(path)
     quality = "50%"
     assert pk.op_density[-1] < 0.9, "fixture has no sparse point"
+    # the fixture is smaller than the pack path's fixed memory: where that fits, the whole model does,
+    # and a sparse point whose cache cannot hold the pack runs stock; count stock's own memory as a
+    # model larger than the memory would need it
+    monkeypatch.setattr(mb, "_stock_own", lambda r: 2**30)
     # the tight split's parts (KV cache, compute at the tight batch size, minimum cache) do not depend
     # on the memory available: take them from a run with next to none (it runs stock)
     monkeypatch.setattr(mb, "available_memory", lambda: (2**20, "1 MiB"))
