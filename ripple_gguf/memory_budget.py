@@ -118,10 +118,10 @@ def _kv_bytes(r, n_ctx: int) -> int:
 # pieces 11.8 (11.8); a 0.5B Qwen2 shape with 151,936 pieces and no merges 33.1 (33.2). A flat 16 MiB
 # used to stand for all of it: 7 MiB too much for the TinyStories-sized model, whose defaults then
 # streamed its FFN in a cgroup where stock runs at full speed (104 vs 403 tok/s), 6-40 MiB too little
-# for SmolLM2 and larger vocabularies. Lines measured
-# before: SmolLM2 F16 in a cgroup of stock's own size runs stock at full speed with 24 MiB to spare, and
-# counted as not fitting there the runtime streamed part of its FFN at 0.25x (its estimate must stay
-# below 24 MiB); the 0.5B shape at a 2048 context re-read its weights with 14 MiB to spare (above 14).
+# for SmolLM2 and larger vocabularies. Lines measured before: SmolLM2 F16 in a cgroup of stock's own
+# size runs stock at full speed with 24 MiB to spare, and counted as not fitting there the runtime
+# streamed part of its FFN at 0.25x (its estimate must stay below 24 MiB); the 0.5B shape at a 2048
+# context re-read its weights with 14 MiB to spare (its estimate must stay above 14).
 STOCK_FIXED, STOCK_PER_PIECE, STOCK_PER_MERGE, STOCK_PER_LAYER = 3 * MIB, 166, 125, 60 * 1024
 STOCK_TOKENS = 64
 
