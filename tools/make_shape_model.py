@@ -2,9 +2,9 @@
 
     .venv/bin/python tools/make_shape_model.py qwen2-0.5b OUT_DIR
 
-The real models this project is checked on are larger than SmolLM2-135M (a 0.5B Qwen2: 151,936-token
-vocabulary, n_ff 4864), and none can be fetched here. A checkpoint of the same shapes shows what size
-changes: convert time and memory, the budget split, the output matrix and the streamed layers at that
+The real models this project is checked on differ from SmolLM2-135M in size both ways (a 0.5B Qwen2:
+151,936-token vocabulary, n_ff 4864; a TinyStories llama2.c model), and none can be fetched here. A
+checkpoint of the same shapes shows what size changes: convert time and memory, the budget split, the output matrix and the streamed layers at that
 size, and speed against stock llama.cpp on the same file. Its weights are random (HF's init, seed 0),
 so its text and perplexity mean nothing: use it for mechanics and speed only, never for quality.
 The tokenizer is the committed fixture's, its vocabulary padded by llama.cpp's converter to the
