@@ -132,30 +132,32 @@ def _llama_held(r) -> int:
     return STOCK_FIXED + vocabulary + STOCK_PER_LAYER * read_ffn_layout(r).n_layer
 
 
-def _stock_own(r) -> int:
-    arch = kv(r, "general.architecture", "llama")
-    n_embd = int(kv(r, f"{arch}.embedding_length", 0) or 0)
-    n_vocab = next((int(t.shape[1]) for t in r.tensors if t.name == "token_embd.weight" and len(t.shape) > 1), 0)
-    activations = 4 * (STOCK_TOKENS * (2 * max(read_ffn_layout(r).n_ff) + 8 * n_embd) + n_vocab)
-    return _llama_held(r) + activations
-
-
-def _llama_compute_bytes(r, n_ctx: int, n_ubatch: int, logits_all: bool) -> int:
-    """What llama.cpp (and llama-cpp-python) allocate besides weights and KV cache, touched at worst:
-    one ubatch's activations (FFN intermediates, residual copies), its attention scores against the
-    context (f32, scores and softmax), the logits (every token's with logits_all, in llama.cpp's buffer
-    and llama-cpp-python's n_ctx x n_vocab array) and what the load keeps of the vocabulary and per layer
-    (_llama_held, the part of stock_own that does not depend on the batch)."""
+def _activations(r, tokens: int, n_ctx: int, logits_rows: int) -> int:
+    """f32 activations of a batch of `tokens` as llama.cpp's compute buffers touch them: FFN
+    intermediates and residual copies, attention scores against `n_ctx` cached tokens (scores and
+    softmax), `logits_rows` rows of logits."""
     arch = kv(r, "general.architecture", "llama")
     n_embd = int(kv(r, f"{arch}.embedding_length", 0) or 0)
     heads = int(kv(r, f"{arch}.attention.head_count", 1) or 1)
     n_ff = max(read_ffn_layout(r).n_ff)
     n_vocab = next((int(t.shape[1]) for t in r.tensors if t.name == "token_embd.weight" and len(t.shape) > 1), 0)
+    return 4 * (tokens * (2 * n_ff + 8 * n_embd) + 2 * tokens * n_ctx * heads + logits_rows * n_vocab)
+
+
+def _stock_own(r) -> int:
+    return _llama_held(r) + _activations(r, STOCK_TOKENS, 0, 1)
+
+
+def _llama_compute_bytes(r, n_ctx: int, n_ubatch: int, logits_all: bool) -> int:
+    """What llama.cpp (and llama-cpp-python) allocate besides weights and KV cache, touched at worst:
+    one ubatch's activations against a full context, the logits (every token's with logits_all, in
+    llama.cpp's buffer and llama-cpp-python's n_ctx x n_vocab array) and what the load keeps of the
+    vocabulary and per layer (_llama_held, the part of stock_own that does not depend on the batch)."""
     if n_ctx <= 0:
+        arch = kv(r, "general.architecture", "llama")
         n_ctx = int(kv(r, f"{arch}.context_length", 4096) or 4096)
     ub = max(1, min(n_ubatch, n_ctx))
-    logits = (ub + n_ctx) * n_vocab if logits_all else 2 * n_vocab
-    return 4 * (ub * (2 * n_ff + 8 * n_embd) + 2 * ub * n_ctx * heads + logits) + _llama_held(r)
+    return _activations(r, ub, n_ctx, ub + n_ctx if logits_all else 2) + _llama_held(r)
 
 
 def llama_compute_bytes(path: str, n_ctx: int, n_ubatch: int = 512, logits_all: bool = False) -> int:
