@@ -803,6 +803,17 @@ def test_a_previous_runs_file_cache_counts_as_available(tmp_path):
     assert before - after < 16 * 2**20, (before, after)
 
 
+def tight_split_parts(path, monkeypatch, **kw) -> dict:
+    """The tight split's unreclaimable parts (KV cache, compute at the tight batch size, minimum cache)
+    do not depend on the memory available: the split of a load with next to none (it runs stock)."""
+    import ripple_gguf.memory_budget as mb
+    monkeypatch.setattr(mb, "available_memory", lambda: (2**20, "1 MiB"))
+    llm = RippleLlama(path, **kw, **KW)
+    split = llm.ripple_budget_split
+    llm.close()
+    return split
+
+
 def test_memory_budget_is_what_the_whole_process_may_use(packed, monkeypatch):
     """--memory-budget counts everything (issue 11): non-FFN weights, KV cache, compute, runtime and
     headroom come out of it and the neuron cache gets the rest; too small a budget names the parts."""
@@ -827,13 +838,9 @@ def test_memory_budget_is_what_the_whole_process_may_use(packed, monkeypatch):
     dense_text = RippleLlama(path, dense=True, **KW)
     want = dense_text.create_completion("def ", max_tokens=8, temperature=0.0)["choices"][0]["text"]
     dense_text.close()
-    # the tight split's unreclaimable parts do not depend on the memory: from a run with next to none
     # (the page-cache floor scaled down to the fixture, whose ~2 MiB of weights it would otherwise exceed)
     monkeypatch.setattr(mb, "PAGE_CACHE_FLOOR", 2**16)
-    monkeypatch.setattr(mb, "available_memory", lambda: (2**20, "1 MiB"))
-    llm = RippleLlama(path, stream_dense=False, **KW)
-    parts = llm.ripple_budget_split
-    llm.close()
+    parts = tight_split_parts(path, monkeypatch, stream_dense=False)
     tight = mb.mapped_pack_need(parts) + mb.PAGE_CACHE_FLOOR + other // 2
     llm = RippleLlama(path, memory_budget=tight, stream_dense=False, **KW)
     split, st = llm.ripple_budget_split, llm.ripple_stats()
@@ -932,10 +939,7 @@ def test_sparse_point_runs_stock_where_the_model_fits_but_not_the_pack_in_the_ca
     path = packed("tiny-llama-swiglu", "f32")
     pk = open_pack(path)
     quality = "50%"
-    monkeypatch.setattr(mb, "available_memory", lambda: (2**20, "1 MiB"))
-    llm = RippleLlama(path, quality=quality, **KW)
-    need = mb.mapped_pack_need(llm.ripple_budget_split)
-    llm.close()
+    need = mb.mapped_pack_need(tight_split_parts(path, monkeypatch, quality=quality))
     monkeypatch.setattr(mb, "available_memory", lambda: (need + 2**20, "a test limit"))
     llm = RippleLlama(path, quality=quality, **KW)
     st, split, reason = llm.ripple_stats(), llm.ripple_budget_split, llm.ripple_dense_reason
@@ -967,12 +971,7 @@ def test_defaults_keep_the_pack_with_mapped_weights_where_only_they_do_not_fit(p
     # and a sparse point whose cache cannot hold the pack runs stock; count stock's own memory as a
     # model larger than the memory would need it
     monkeypatch.setattr(mb, "_stock_own", lambda r: 2**30)
-    # the tight split's parts (KV cache, compute at the tight batch size, minimum cache) do not depend
-    # on the memory available: take them from a run with next to none (it runs stock)
-    monkeypatch.setattr(mb, "available_memory", lambda: (2**20, "1 MiB"))
-    llm = RippleLlama(path, quality=quality, **KW)
-    split = llm.ripple_budget_split
-    llm.close()
+    split = tight_split_parts(path, monkeypatch, quality=quality)
     assert split["below_minimum"] and not split["mapped_fits"]
     avail = mb.mapped_pack_need(split) + 2**20  # less than PAGE_CACHE_FLOOR more: none of the weights held
     monkeypatch.setattr(mb, "available_memory", lambda: (avail, "a test limit"))

@@ -24,6 +24,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_qwen2_fixture import SOURCE as FIXTURE, TOKENIZER_FILES  # noqa: E402  (the same tokenizer copy)
 
+
+def _llama2c(dim: int, n_layers: int, n_heads: int, hidden_dim: int, max_seq_len: int):
+    """A llama2.c model's ModelArgs as the HF config its export writes."""
+    return (LlamaConfig, LlamaForCausalLM, dict(
+        vocab_size=32000, hidden_size=dim, intermediate_size=hidden_dim, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_heads, max_position_embeddings=max_seq_len,
+        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True))
+
+
 # published configs (config.json of each model on the hub)
 SHAPES = {
     "qwen2-0.5b": (Qwen2Config, Qwen2ForCausalLM, dict(
@@ -34,16 +43,9 @@ SHAPES = {
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
         num_key_value_heads=4, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=False)),
-    # llama.cpp's TinyStories models (karpathy's llama2.c, converted): models small enough that the
-    # runtime's fixed allowances are a large share of what a memory cgroup at half their size leaves
-    "stories15m": (LlamaConfig, LlamaForCausalLM, dict(
-        vocab_size=32000, hidden_size=288, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
-        num_key_value_heads=6, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=True)),
-    "stories110m": (LlamaConfig, LlamaForCausalLM, dict(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-        num_key_value_heads=12, max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=True)),
+    # karpathy's llama2.c TinyStories models (export.py: tied classifier, no grouped-query heads)
+    "stories15m": _llama2c(dim=288, n_layers=6, n_heads=6, hidden_dim=768, max_seq_len=256),
+    "stories110m": _llama2c(dim=768, n_layers=12, n_heads=12, hidden_dim=2048, max_seq_len=1024),
 }
 
 
